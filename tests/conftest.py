@@ -12,6 +12,8 @@ import pytest
 
 from overlay.lab import netns
 
+pytest_plugins = ["tests.lab_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def netns_prefix() -> str:

@@ -1,0 +1,1 @@
+"""STUN/TURN wire codec and sans-I/O client helpers shared by the relay and the agent."""

@@ -1,0 +1,352 @@
+"""`overlay` command line: genkey, pubkey, up, status.
+
+User errors (bad config, busy port, missing /dev/net/tun, unknown interface)
+are one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import stat
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from overlay import control, keys
+from overlay.config import (
+    ConfigError,
+    Endpoint,
+    InterfaceConfig,
+    has_hostnames,
+    load_config,
+    resolve_endpoints_detailed,
+)
+
+PROG = "overlay"
+# What wg-quick accepts as an interface name; 15 = IFNAMSIZ - 1 on Linux.
+IFNAME_RE = re.compile(r"^[a-zA-Z0-9_=+.-]{1,15}$")
+DEFAULT_RESOLVE_INTERVAL = 60.0
+
+log = structlog.get_logger("overlay.cli")
+
+
+class UserError(Exception):
+    """Something the user can fix; printed as one line."""
+
+
+def validate_ifname(name: str) -> str:
+    if not IFNAME_RE.match(name) or name in (".", ".."):
+        raise UserError(
+            f"{name!r} is not a valid interface name (1-15 characters of a-z A-Z 0-9 _ = + . -); "
+            "the interface is named after the config file"
+        )
+    return name
+
+
+def setup_logging(level: str = "info", fmt: str = "kv") -> None:
+    """Structured logs to stderr. Exceptions are rendered without frame locals
+    so key material held in local variables can never reach a log."""
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"])
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries that use stdlib logging (aioice, pyroute2, asyncio) go to stderr too.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+
+
+# ---------------------------------------------------------------------------
+# genkey / pubkey
+# ---------------------------------------------------------------------------
+
+
+def cmd_genkey(args: argparse.Namespace) -> int:
+    # Like `wg genkey`: a private key redirected into a file others can read is
+    # worth a warning (the usual fix is `umask 077`).
+    try:
+        st = os.fstat(sys.stdout.fileno())
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+            print(f"{PROG}: warning: writing a private key to a file readable by others; "
+                  "consider `umask 077` first", file=sys.stderr)
+    except (OSError, ValueError):
+        pass
+    print(keys.encode(keys.generate_private_key()))
+    return 0
+
+
+def cmd_pubkey(args: argparse.Namespace) -> int:
+    try:
+        private = keys.decode(sys.stdin.read())
+    except keys.InvalidKey as e:
+        raise UserError(f"pubkey: invalid private key on stdin: {e}") from None
+    print(keys.encode(keys.public_key(private)))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# up
+# ---------------------------------------------------------------------------
+
+
+def resolve_all(config: InterfaceConfig) -> dict[bytes, list[Endpoint]]:
+    """Resolve every peer's endpoints for start-up.
+
+    A peer whose every endpoint fails is an error (as with `wg`); a hostname
+    failing next to other working endpoints is only a warning, it is retried.
+    """
+    resolved: dict[bytes, list[Endpoint]] = {}
+    for peer in config.peers:
+        endpoints, failures = resolve_endpoints_detailed(peer)
+        for spec, why in failures:
+            if not endpoints:
+                raise UserError(
+                    f"{config.source}: peer {keys.encode(peer.public_key)}: cannot resolve "
+                    f"endpoint {spec.host}: {why}"
+                )
+            log.warning("endpoint_unresolved", peer=keys.fingerprint(peer.public_key), host=spec.host, reason=why)
+        resolved[peer.public_key] = endpoints
+    return resolved
+
+
+class Reresolver:
+    """Re-resolves hostname endpoints periodically so DNS changes take effect."""
+
+    def __init__(self, agent: Any, config: InterfaceConfig, interval: float):
+        self.agent = agent
+        self.peers = [p for p in config.peers if has_hostnames(p)]
+        self.interval = interval
+        self.overridden: set[bytes] = set()  # endpoints set by hand over UAPI win
+
+    def endpoints_set_by_user(self, public_keys: list[bytes]) -> None:
+        self.overridden.update(public_keys)
+
+    async def run(self) -> None:
+        if not self.peers:
+            return
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.interval)
+            for peer_cfg in self.peers:
+                if peer_cfg.public_key in self.overridden:
+                    continue
+                endpoints, failures = await loop.run_in_executor(None, resolve_endpoints_detailed, peer_cfg)
+                peer = self.agent.device.peers.get(peer_cfg.public_key)
+                if peer is None or not endpoints or peer_cfg.public_key in self.overridden:
+                    continue
+                if list(peer.configured_endpoints) != endpoints:
+                    log.info(
+                        "endpoints_reresolved",
+                        peer=keys.fingerprint(peer_cfg.public_key),
+                        endpoints=[f"{h}:{p}" for h, p in endpoints],
+                    )
+                    self.agent.device.set_peer(peer_cfg.public_key, time.monotonic(), endpoints=endpoints)
+                    self.agent.changed()
+
+
+def _describe_startup_error(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror + (f" ({e.filename})" if e.filename else "")
+    if isinstance(e, (OSError, ValueError, RuntimeError, control.UapiInUse)):
+        return str(e) or type(e).__name__
+    # Something unexpected (a library's own error type): name it so it can be looked up.
+    return f"{type(e).__name__}: {e}"
+
+
+async def run_up(config: InterfaceConfig, ifname: str, socket_dir: str, resolve_interval: float) -> int:
+    from overlay.agent import Agent  # imported late: genkey/pubkey need no network stack
+
+    # Refuse early, before creating anything, if the name is already served.
+    path = control.socket_path(ifname, socket_dir)
+    if Path(path).exists() and control.socket_is_live(path):
+        raise UserError(f"interface {ifname} is already up ({path} is served by a running process)")
+    resolved = resolve_all(config)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    agent = Agent(config, ifname, resolved_endpoints=resolved)
+    server = control.UapiServer(agent, ifname, socket_dir)
+    reresolver = Reresolver(agent, config, resolve_interval)
+    server.on_endpoints_set = reresolver.endpoints_set_by_user
+    started = False
+    task: asyncio.Task | None = None
+    try:
+        try:
+            await agent.start()
+            started = True
+            await server.start()
+        except Exception as e:  # noqa: BLE001 - any start-up failure is one line, not a traceback
+            raise UserError(f"up {ifname}: {_describe_startup_error(e)}") from None
+        log.info(
+            "interface_up",
+            interface=ifname,
+            public_key=keys.encode(agent.device.public_key),
+            listen_port=agent.listen_port,
+            peers=len(config.peers),
+            uapi=server.path,
+        )
+        task = asyncio.create_task(reresolver.run())
+        await stop.wait()
+        log.info("interface_stopping", interface=ifname)
+    finally:
+        if task is not None:
+            task.cancel()
+        await server.close()
+        if started:
+            await agent.stop()
+        else:
+            try:
+                await agent.stop()  # a half-started agent releases what it took
+            except Exception:  # noqa: BLE001
+                pass
+    log.info("interface_down", interface=ifname)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level, args.log_format)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    ifname = validate_ifname(args.interface or Path(args.config).stem)
+    return asyncio.run(run_up(config, ifname, args.socket_dir, args.resolve_interval))
+
+
+# ---------------------------------------------------------------------------
+# status
+# ---------------------------------------------------------------------------
+
+
+def _ago(t: float | None, now: float) -> str:
+    if t is None:
+        return "never"
+    secs = max(0, int(now - t))
+    parts = []
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        if secs >= size or (unit == "second" and not parts):
+            n, secs = divmod(secs, size)
+            parts.append(f"{n} {unit}{'s' if n != 1 else ''}")
+    return ", ".join(parts) + " ago"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def format_status(doc: dict[str, Any], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    lines = [f"interface: {doc['interface']}"]
+    if doc.get("public_key"):
+        lines.append(f"  public key: {doc['public_key']}")
+    lines.append(f"  listening port: {doc['listen_port']}")
+    for peer in doc["peers"]:
+        lines += ["", f"peer: {peer['public_key']}"]
+        eps = []
+        for ep in peer["endpoints"]:
+            eps.append(f"{ep} (active)" if ep == peer["active_endpoint"] else ep)
+        if peer["active_endpoint"] and peer["active_endpoint"] not in peer["endpoints"]:
+            eps.insert(0, f"{peer['active_endpoint']} (active)")
+        lines.append(f"  endpoints: {', '.join(eps) if eps else '(none)'}")
+        if peer["preshared_key"]:
+            lines.append("  preshared key: (hidden)")
+        lines.append(f"  allowed ips: {', '.join(peer['allowed_ips']) or '(none)'}")
+        lines.append(f"  latest handshake: {_ago(peer['latest_handshake'], now)}")
+        lines.append(f"  transfer: {_bytes(peer['rx_bytes'])} received, {_bytes(peer['tx_bytes'])} sent")
+        ka = peer["persistent_keepalive"]
+        lines.append(f"  persistent keepalive: {'every ' + str(ka) + ' seconds' if ka else 'off'}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if args.interface:
+        validate_ifname(args.interface)
+        try:
+            docs = [control.query_status(args.interface, args.socket_dir)]
+        except control.UapiClientError as e:
+            if "cannot connect" in str(e):
+                raise UserError(f"status: no running interface {args.interface}") from None
+            raise UserError(f"status: {e}") from None
+    else:
+        docs = []
+        for name in control.list_interfaces(args.socket_dir):
+            try:
+                docs.append(control.query_status(name, args.socket_dir))
+            except control.UapiClientError:
+                continue  # stale socket, or a stock WireGuard implementation
+    if args.json:
+        print(json.dumps(docs[0] if args.interface else docs, indent=2))
+    else:
+        print("\n\n".join(format_status(d) for d in docs))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="WireGuard-compatible overlay tunnel agent")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("genkey", help="print a new private key (base64), like `wg genkey`")
+    g.set_defaults(func=cmd_genkey)
+    k = sub.add_parser("pubkey", help="read a private key on stdin, print its public key")
+    k.set_defaults(func=cmd_pubkey)
+
+    u = sub.add_parser("up", help="bring an interface up from a wg-quick style file (foreground)")
+    u.add_argument("config", help="config file; the interface is named after its stem")
+    u.add_argument("--interface", help="interface name (default: the file's stem)")
+    u.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    u.add_argument("--log-format", default="kv", choices=["kv", "json"])
+    u.add_argument("--resolve-interval", type=float, default=DEFAULT_RESOLVE_INTERVAL,
+                   help="seconds between re-resolving hostname endpoints (default 60)")
+    u.add_argument("--socket-dir", default=control.SOCKET_DIR, help=argparse.SUPPRESS)
+    u.set_defaults(func=cmd_up)
+
+    s = sub.add_parser("status", help="show running interfaces, their peers and endpoints")
+    s.add_argument("interface", nargs="?")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--socket-dir", default=control.SOCKET_DIR, help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

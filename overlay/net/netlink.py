@@ -1,0 +1,47 @@
+"""Interface addresses, MTU, link state and AllowedIPs routes through rtnetlink."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from pyroute2 import AsyncIPRoute
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+async def link_index(ipr: AsyncIPRoute, ifname: str) -> int:
+    found = await ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise OSError(f"interface {ifname} not found")
+    return found[0]
+
+
+async def configure_link(ifname: str, addresses: list[IPInterface], mtu: int) -> int:
+    """Addresses, MTU and link up; returns the interface index."""
+    async with AsyncIPRoute() as ipr:
+        idx = await link_index(ipr, ifname)
+        await ipr.link("set", index=idx, mtu=mtu)
+        for addr in addresses:
+            # No duplicate address detection on a point-to-point tunnel (IFA_F_NODAD).
+            kw = {"flags": 0x02} if addr.version == 6 else {}
+            await ipr.addr("add", index=idx, address=str(addr.ip), prefixlen=addr.network.prefixlen,
+                           **kw)
+        await ipr.link("set", index=idx, state="up")
+        return idx
+
+
+async def sync_routes(ifindex: int, desired: set[IPNetwork], installed: set[IPNetwork]) -> set[IPNetwork]:
+    """Make the routes through `ifindex` match `desired`; returns what is installed now."""
+    now_installed = set(installed)
+    async with AsyncIPRoute() as ipr:
+        for net in sorted(installed - desired, key=str):
+            try:
+                await ipr.route("del", dst=str(net), oif=ifindex)
+            except Exception:  # already gone (link down, address removed)
+                pass
+            now_installed.discard(net)
+        for net in sorted(desired - installed, key=str):
+            await ipr.route("replace", dst=str(net), oif=ifindex)
+            now_installed.add(net)
+    return now_installed

@@ -1,0 +1,176 @@
+"""The agent's UDP sockets: one per address family on one port, with GSO/GRO.
+
+Receiving drains the socket in a loop (`recvmsg_into` into a reused buffer,
+UDP_GRO so one call can return many coalesced datagrams); sending groups
+equal-sized datagrams to one destination into a single `sendmsg` with
+UDP_SEGMENT. Both cut the per-datagram Python overhead that dominates here.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from collections.abc import Callable
+
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+RECV_BUFFER = 65536 + 4096
+SOCKET_BUFFER = 4 << 20
+
+_H = struct.Struct("=H")
+_I = struct.Struct("=i")
+
+# Errors that mean "this destination cannot be reached from here" (fail over).
+UNREACHABLE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL,
+                                errno.EAFNOSUPPORT, errno.EINVAL, errno.EPERM,
+                                errno.ECONNREFUSED, errno.EACCES})
+
+
+def _tune(sock: socket.socket) -> bool:
+    """Non-blocking, big buffers, GRO if the kernel has it. Returns whether GRO is on."""
+    sock.setblocking(False)
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        except OSError:
+            pass
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        return True
+    except OSError:
+        return False
+
+
+def bind_pair(port: int | None) -> tuple[socket.socket | None, socket.socket | None, int]:
+    """Bind an IPv4 socket and an IPv6-only socket on the same port (0/None = any free one)."""
+    want = port or 0
+    for _attempt in range(20):
+        s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s4.bind(("0.0.0.0", want))
+        except OSError:
+            s4.close()
+            if want:
+                raise
+            continue
+        bound = s4.getsockname()[1]
+        s6: socket.socket | None = None
+        try:
+            s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s6.bind(("::", bound))
+        except OSError as exc:
+            if s6 is not None:
+                s6.close()
+            s6 = None
+            if exc.errno == errno.EADDRINUSE and not want:
+                s4.close()
+                continue  # the free v4 port is taken on v6: pick another
+            if exc.errno == errno.EADDRINUSE:
+                s4.close()
+                raise
+            # No IPv6 in this namespace/kernel: carry on with IPv4 only.
+        return s4, s6, bound
+    raise OSError(errno.EADDRINUSE, "no port free on both IPv4 and IPv6")
+
+
+class UdpSockets:
+    def __init__(self, s4: socket.socket | None, s6: socket.socket | None, port: int):
+        self.s4 = s4
+        self.s6 = s6
+        self.port = port
+        self.gro = {s: _tune(s) for s in (s4, s6) if s is not None}
+        self.gso = True
+        self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._anc = socket.CMSG_SPACE(4)
+
+    def sockets(self) -> list[socket.socket]:
+        return [s for s in (self.s4, self.s6) if s is not None]
+
+    def close(self) -> None:
+        for s in self.sockets():
+            s.close()
+        self.s4 = self.s6 = None
+
+    def drain(self, sock: socket.socket, max_calls: int, sink: Callable[[bytes, tuple], None]) -> int:
+        """Read what is queued (up to `max_calls` syscalls); each datagram goes to `sink`."""
+        buf, view, anc = self._buf, self._view, self._anc
+        n_total = 0
+        v6 = sock.family == socket.AF_INET6
+        for _ in range(max_calls):
+            try:
+                n, ancdata, _flags, addr = sock.recvmsg_into([buf], anc)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue  # e.g. an ICMP error queued on the socket
+            if v6:
+                addr = (addr[0], addr[1])
+            seg = n
+            if ancdata:
+                for level, typ, data in ancdata:
+                    if level == SOL_UDP and typ == UDP_GRO:
+                        seg = _I.unpack(data[:4])[0] if len(data) >= 4 else _H.unpack(data[:2])[0]
+            if seg >= n:
+                sink(bytes(view[:n]), addr)
+                n_total += 1
+            else:
+                for off in range(0, n, seg):
+                    sink(bytes(view[off:off + seg]), addr)
+                    n_total += 1
+        return n_total
+
+    def send_batch(self, items: list[tuple[bytes, tuple]],
+                   on_error: Callable[[tuple, int], None]) -> None:
+        """Send (payload, (ip, port)) pairs, coalescing runs for UDP GSO."""
+        i = 0
+        count = len(items)
+        while i < count:
+            payload, ep = items[i]
+            size = len(payload)
+            j = i + 1
+            total = size
+            if self.gso:
+                # A GSO run: same destination, same size, last one may be shorter.
+                while j < count and j - i < GSO_MAX_SEGMENTS:
+                    p2, e2 = items[j]
+                    l2 = len(p2)
+                    if e2 != ep or l2 > size or total + l2 > GSO_MAX_BYTES:
+                        break
+                    total += l2
+                    j += 1
+                    if l2 < size:
+                        break
+            self._send_run(items, i, j, size, ep, on_error)
+            i = j
+
+    def _send_run(self, items, i, j, size, ep, on_error) -> None:
+        host = ep[0]
+        if ":" in host:
+            sock, addr = self.s6, (host, ep[1], 0, 0)
+        else:
+            sock, addr = self.s4, ep
+        if sock is None:
+            on_error(ep, errno.EAFNOSUPPORT)
+            return
+        try:
+            if j - i == 1:
+                sock.sendto(items[i][0], addr)
+            else:
+                sock.sendmsg([p for p, _ in items[i:j]],
+                             [(SOL_UDP, UDP_SEGMENT, _H.pack(size))], 0, addr)
+        except (BlockingIOError, InterruptedError):
+            pass  # socket buffer full: dropped, as a router would
+        except OSError as exc:
+            if exc.errno == errno.EIO and j - i > 1:
+                # GSO not possible on this path (e.g. no checksum offload): send singly.
+                self.gso = False
+                for k in range(i, j):
+                    self._send_run(items, k, k + 1, len(items[k][0]), ep, on_error)
+                return
+            on_error(ep, exc.errno or 0)

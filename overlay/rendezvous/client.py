@@ -1,0 +1,251 @@
+"""Client for the overlay-relay rendezvous (protocol: relay_server/rendezvous.py docstring).
+
+    client = RendezvousClient("http://relay:8080", wireguard_private_key, name="laptop")
+    await client.connect(token="abcd1234.xyz")     # first time: join; later: connect() alone
+    client.memberships["office"].ipv4               # own overlay addresses
+    client.peers["office"]                          # public key -> Peer
+    await client.publish_candidates([{"type": "srflx", "ip": "198.51.100.7", "port": 51820}])
+    await client.request_connect("office", peer_key)
+    event = await client.next_event()              # {"type": "connect" | "peer" | "peer_removed" | ...}
+    client.turn                                     # TurnCredentials (REST), with the TURN URLs
+
+The peer map is kept up to date from the server's pushes; every push is also
+queued as an event so an agent can react (start hole punching on "connect").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import aiohttp
+
+from overlay.stun.credentials import TurnCredentials
+
+from . import proof
+
+
+class RendezvousError(Exception):
+    """The server refused something; `code` is the protocol's error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Membership:
+    network: str
+    name: str
+    ipv4: str
+    ipv6: str
+    ipv4_prefix: str | None = None
+    ipv6_prefix: str | None = None
+
+
+@dataclass
+class Peer:
+    public_key: str
+    name: str
+    ipv4: str
+    ipv6: str
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    online: bool = False
+    last_seen: float | None = None
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Peer":
+        return cls(obj["public_key"], obj.get("name", ""), obj.get("ipv4", ""), obj.get("ipv6", ""),
+                   list(obj.get("candidates") or []), bool(obj.get("online")), obj.get("last_seen"))
+
+
+def _turn(obj: dict[str, Any]) -> TurnCredentials:
+    return TurnCredentials(obj["username"], obj["password"], int(obj["expires"]), tuple(obj.get("urls") or ()))
+
+
+class RendezvousClient:
+    def __init__(self, url: str, private_key: bytes, name: str = "", heartbeat: float = 20.0) -> None:
+        if len(private_key) != 32:
+            raise ValueError("private key must be 32 bytes")
+        base = url.rstrip("/")
+        if base.startswith("http"):
+            base = "ws" + base[4:]
+        self.url = base if base.endswith("/v1/ws") else base + "/v1/ws"
+        self._private = private_key
+        self.public_key = base64.b64encode(proof.public_key(private_key)).decode()
+        self.name = name
+        self.heartbeat = heartbeat
+        self.memberships: dict[str, Membership] = {}
+        self.peers: dict[str, dict[str, Peer]] = {}
+        self.turn: TurnCredentials | None = None
+        self.close_code: int | None = None
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.on_event: Callable[[dict[str, Any]], None] | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reader: asyncio.Task | None = None
+        self._waiters: dict[str, list[asyncio.Future]] = {}
+
+    def __repr__(self) -> str:  # never show the private key
+        return f"RendezvousClient({self.url!r}, public_key={self.public_key!r})"
+
+    # -- connection ---------------------------------------------------------------------------
+    async def connect(self, token: str | None = None, timeout: float = 10.0) -> None:
+        """Open the WebSocket, prove the key (joining with `token` if given), load the peer map."""
+        self._http = aiohttp.ClientSession()
+        try:
+            self._ws = await self._http.ws_connect(self.url, heartbeat=self.heartbeat, timeout=aiohttp.ClientWSTimeout(ws_close=timeout))
+            challenge = await self._receive_json(timeout)
+            if challenge.get("type") == "error":
+                raise RendezvousError(challenge.get("code", "error"), challenge.get("message", ""))
+            if challenge.get("type") != "challenge":
+                raise RendezvousError("protocol", f"expected a challenge, got {challenge.get('type')!r}")
+            answer = proof.answer(self._private, base64.b64decode(challenge["challenge"]),
+                                  base64.b64decode(challenge["server_key"]))
+            hello: dict[str, Any] = {"type": "hello", "public_key": self.public_key,
+                                     "proof": base64.b64encode(answer).decode(), "name": self.name}
+            if token is not None:
+                hello["token"] = token
+            await self._ws.send_str(json.dumps(hello))
+            welcome = await self._receive_json(timeout)
+            if welcome.get("type") == "error":
+                raise RendezvousError(welcome.get("code", "error"), welcome.get("message", ""))
+            if welcome.get("type") != "welcome":
+                raise RendezvousError("protocol", f"expected a welcome, got {welcome.get('type')!r}")
+            for mship in welcome.get("memberships", []):
+                self.memberships[mship["network"]] = Membership(**mship)
+                self.peers.setdefault(mship["network"], {})
+            self.turn = _turn(welcome["turn"])
+            # The peer lists follow the welcome, one message per network.
+            for _ in range(len(self.memberships)):
+                self._apply(await self._receive_json(timeout))
+        except BaseException:
+            await self.close()
+            raise
+        self._reader = asyncio.create_task(self._read_loop())
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        if self._ws is not None:
+            await self._ws.close()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None and not self._ws.closed
+
+    async def _receive_json(self, timeout: float) -> dict[str, Any]:
+        assert self._ws is not None
+        msg = await self._ws.receive(timeout=timeout)
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            self.close_code = self._ws.close_code
+            raise RendezvousError("closed", f"connection closed ({self._ws.close_code})")
+        obj = json.loads(msg.data)
+        if not isinstance(obj, dict):
+            raise RendezvousError("protocol", "server sent a non-object")
+        return obj
+
+    async def _read_loop(self) -> None:
+        assert self._ws is not None
+        try:
+            async for msg in self._ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                try:
+                    obj = json.loads(msg.data)
+                except ValueError:
+                    continue
+                if isinstance(obj, dict):
+                    self._apply(obj)
+        finally:
+            self.close_code = self._ws.close_code
+            closed = {"type": "closed", "code": self.close_code}
+            for futures in self._waiters.values():
+                for f in futures:
+                    if not f.done():
+                        f.set_exception(RendezvousError("closed", f"connection closed ({self.close_code})"))
+            self._waiters.clear()
+            self._emit(closed)
+
+    # -- incoming -------------------------------------------------------------------------------
+    def _apply(self, obj: dict[str, Any]) -> None:
+        kind = obj.get("type")
+        network = obj.get("network")
+        if kind == "peers":
+            self.peers[network] = {p["public_key"]: Peer.from_json(p) for p in obj.get("peers", [])}
+        elif kind == "peer" or kind == "connect":
+            peer = Peer.from_json(obj["peer"])
+            if peer.public_key != self.public_key:
+                self.peers.setdefault(network, {})[peer.public_key] = peer
+        elif kind == "peer_removed":
+            self.peers.get(network, {}).pop(obj.get("public_key"), None)
+        elif kind == "removed":
+            self.memberships.pop(network, None)
+            self.peers.pop(network, None)
+        elif kind == "joined":
+            mship = Membership(**obj["membership"])
+            self.memberships[mship.network] = mship
+        elif kind == "turn":
+            self.turn = _turn(obj)
+        waiters = self._waiters.get(kind or "")
+        if waiters:
+            fut = waiters.pop(0)
+            if not fut.done():
+                fut.set_result(obj)
+        if kind == "error":
+            for key in ("turn", "joined"):
+                for fut in self._waiters.pop(key, []):
+                    if not fut.done():
+                        fut.set_exception(RendezvousError(obj.get("code", "error"), obj.get("message", "")))
+        self._emit(obj)
+
+    def _emit(self, obj: dict[str, Any]) -> None:
+        self.events.put_nowait(obj)
+        if self.on_event is not None:
+            self.on_event(obj)
+
+    async def next_event(self, timeout: float | None = None) -> dict[str, Any]:
+        return await asyncio.wait_for(self.events.get(), timeout)
+
+    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict[str, Any]:
+        """Next queued event matching `predicate` (others are discarded)."""
+        async def scan() -> dict[str, Any]:
+            while True:
+                event = await self.events.get()
+                if predicate(event):
+                    return event
+        return await asyncio.wait_for(scan(), timeout)
+
+    # -- requests -------------------------------------------------------------------------------
+    async def send(self, obj: dict[str, Any]) -> None:
+        if self._ws is None or self._ws.closed:
+            raise RendezvousError("closed", "not connected")
+        await self._ws.send_str(json.dumps(obj))
+
+    async def _request(self, obj: dict[str, Any], reply: str, timeout: float) -> dict[str, Any]:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(reply, []).append(fut)
+        await self.send(obj)
+        return await asyncio.wait_for(fut, timeout)
+
+    async def publish_candidates(self, candidates: list[dict[str, Any]]) -> None:
+        await self.send({"type": "candidates", "candidates": candidates})
+
+    async def request_connect(self, network: str, peer_key: str, request_id: Any = None) -> None:
+        await self.send({"type": "connect", "network": network, "peer": peer_key, "id": request_id})
+
+    async def refresh_turn(self, timeout: float = 10.0) -> TurnCredentials:
+        return _turn(await self._request({"type": "turn"}, "turn", timeout))
+
+    async def join(self, token: str, timeout: float = 10.0) -> Membership:
+        """Join one more network while connected."""
+        obj = await self._request({"type": "join", "token": token}, "joined", timeout)
+        return Membership(**obj["membership"])

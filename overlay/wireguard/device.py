@@ -1,0 +1,728 @@
+"""The sans-I/O WireGuard device: peers, handshakes, transport, timers.
+
+Driven by a monotonic `now` (float seconds) passed into every call; returns
+the datagrams to send as `(payload, endpoint)` pairs. The data path takes and
+returns batches so the shell can move packets in bursts (GSO/GRO).
+
+Nothing here raises on bad input from the network: junk is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from cryptography.exceptions import InvalidTag
+
+from . import crypto, noise
+from .allowedips import AllowedIPs, IPNetwork
+from .constants import (
+    INITIATION_SIZE,
+    INITIATIONS_MIN_INTERVAL,
+    KEEPALIVE_TIMEOUT,
+    MAX_TIMER_HANDSHAKES,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+    REKEY_ON_RECEIVE_AGE,
+    REKEY_TIMEOUT,
+    REKEY_TIMEOUT_JITTER_MAX,
+    RESPONSE_SIZE,
+    COOKIE_REPLY_SIZE,
+    TRANSPORT_MIN_SIZE,
+    ZERO_KEYS_AFTER,
+)
+from .cookie import CookieChecker
+from .crypto import HandshakeCryptoError
+from .endpoints import Endpoint, normalize
+from .keypair import Keypair
+from .messages import INITIATION_MAC1_OFFSET, RESPONSE_MAC1_OFFSET
+from .peer import Peer
+
+Datagrams = list[tuple[bytes, Endpoint]]
+
+
+class _Unchanged:
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+UNCHANGED = _Unchanged()
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_NONCE = struct.Struct("<4xQ")
+_TRANSPORT_HEADER = struct.Struct("<IIQ")
+
+# How long a byte-identical copy of an initiation we already answered is
+# answered again with the same response, and how many times at most.
+DUPLICATE_ANSWER_WINDOW = REKEY_TIMEOUT
+DUPLICATE_ANSWER_LIMIT = 16
+
+
+class Device:
+    def __init__(
+        self,
+        private_key: bytes,
+        *,
+        rng: Callable[[int], bytes] = os.urandom,
+        happy_eyeballs_delay: float = 0.010,
+        mtu: int = 1420,
+        under_load_threshold: int = 64,
+        under_load_window: float = 1.0,
+        wall_clock: Callable[[float], float] | None = None,
+        now: float = 0.0,
+    ):
+        """`wall_clock(now)` maps core time to Unix time for TAI64N timestamps;
+        by default the offset between time.time() and time.monotonic() at start.
+        Under load = more than `under_load_threshold` handshake messages received
+        within `under_load_window` seconds; then initiations need a cookie (MAC2)."""
+        if len(private_key) != 32:
+            raise ValueError("private key must be 32 bytes")
+        self._rng = rng
+        self.happy_eyeballs_delay = happy_eyeballs_delay
+        self.mtu = mtu
+        self.under_load_threshold = under_load_threshold
+        self.under_load_window = under_load_window
+        if wall_clock is None:
+            offset = time.time() - time.monotonic()
+            wall_clock = lambda t: t + offset  # noqa: E731
+        self._wall_clock = wall_clock
+        self._private_key = crypto.clamp_private_key(private_key)
+        self._public_key = crypto.public_key(self._private_key)
+        self.peers: dict[bytes, Peer] = {}
+        self._indices: dict[int, object] = {}  # local index -> Keypair or Peer (pending handshake)
+        self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
+        self._cookies = CookieChecker(self._public_key, rng, now)
+        self._handshake_times: deque[float] = deque()
+        self.dropped = 0  # datagrams/packets dropped as invalid, for diagnostics
+
+    def __repr__(self) -> str:
+        return f"Device(peers={len(self.peers)})"
+
+    # ------------------------------------------------------------------ config
+    @property
+    def private_key(self) -> bytes:
+        return self._private_key
+
+    @property
+    def public_key(self) -> bytes:
+        return self._public_key
+
+    def set_private_key(self, key: bytes, now: float) -> None:
+        if len(key) != 32:
+            raise ValueError("private key must be 32 bytes")
+        key = crypto.clamp_private_key(key)
+        if key == self._private_key:
+            return
+        self._private_key = key
+        self._public_key = crypto.public_key(key)
+        self._cookies.set_public_key(self._public_key)
+        # A peer with our own public key makes no sense; WireGuard removes it.
+        for pk in [pk for pk in self.peers if pk == self._public_key]:
+            self.remove_peer(pk, now)
+        for peer in self.peers.values():
+            peer.static_static = self._static_static(peer.public_key)
+            self._drop_sessions(peer)
+
+    def _static_static(self, remote: bytes) -> bytes | None:
+        try:
+            return crypto.dh(self._private_key, remote)
+        except HandshakeCryptoError:
+            return None
+
+    def set_peer(
+        self,
+        public_key: bytes,
+        now: float,
+        *,
+        preshared_key: bytes | None | _Unchanged = UNCHANGED,
+        endpoints: list[Endpoint] | None = None,
+        allowed_ips: list[IPNetwork] | None = None,
+        replace_allowed_ips: bool = False,
+        persistent_keepalive: int | None = None,
+    ) -> Peer:
+        """Create or update a peer. Validates everything before changing anything."""
+        if len(public_key) != 32:
+            raise ValueError("peer public key must be 32 bytes")
+        if not isinstance(preshared_key, _Unchanged) and preshared_key is not None \
+                and len(preshared_key) != 32:
+            raise ValueError("preshared key must be 32 bytes")
+        if persistent_keepalive is not None and not 0 <= persistent_keepalive <= 65535:
+            raise ValueError(f"persistent keepalive {persistent_keepalive} out of range 0..65535")
+        norm_endpoints = [normalize(e) for e in endpoints] if endpoints is not None else None
+        nets: list[IPNetwork] | None = None
+        if allowed_ips is not None:
+            import ipaddress
+            nets = [ipaddress.ip_network(n, strict=False) for n in allowed_ips]
+
+        peer = self.peers.get(public_key)
+        if peer is None:
+            if public_key == self._public_key:
+                raise ValueError("peer public key equals the interface's own public key")
+            peer = Peer(public_key, self._static_static(public_key))
+            self.peers[public_key] = peer
+        if not isinstance(preshared_key, _Unchanged):
+            peer.preshared_key = preshared_key if preshared_key and any(preshared_key) else None
+        if norm_endpoints is not None:
+            peer.endpoint_set.set_configured(norm_endpoints)
+        if nets is not None:
+            if replace_allowed_ips:
+                for net in peer.allowed_ips:
+                    self.allowed_ips.remove(net)
+                peer.allowed_ips = []
+            for net in nets:
+                old = self.allowed_ips.insert(net, peer)
+                if old is not None and old is not peer:
+                    old.allowed_ips = [n for n in old.allowed_ips if n != net]
+                if net not in peer.allowed_ips:
+                    peer.allowed_ips.append(net)
+        if persistent_keepalive is not None:
+            was = peer.persistent_keepalive
+            peer.persistent_keepalive = persistent_keepalive
+            if persistent_keepalive == 0:
+                peer.t_persistent = None
+            elif was == 0:
+                # As WireGuard does when the option is turned on: a keepalive right away.
+                peer.t_persistent = now
+        return peer
+
+    def remove_peer(self, public_key: bytes, now: float) -> None:
+        peer = self.peers.pop(public_key, None)
+        if peer is None:
+            return
+        for net in peer.allowed_ips:
+            if self.allowed_ips.remove(net) not in (peer, None):
+                pass
+        self._drop_sessions(peer)
+
+    def remove_all_peers(self, now: float) -> None:
+        for pk in list(self.peers):
+            self.remove_peer(pk, now)
+
+    def _drop_sessions(self, peer: Peer) -> None:
+        for kp in peer.keypairs():
+            self._indices.pop(kp.local_index, None)
+        peer.current = peer.previous = peer.next = None
+        self._clear_handshake(peer)
+        peer.staged.clear()
+        peer.t_retransmit = peer.t_send_keepalive = peer.t_new_handshake = None
+        peer.t_zero_keys = None
+        peer.eyeballs = None
+        peer.handshake_attempts = 0
+        peer.last_initiation_sent = None
+
+    def _clear_handshake(self, peer: Peer) -> None:
+        if peer.handshake is not None:
+            if self._indices.get(peer.handshake.local_index) is peer:
+                del self._indices[peer.handshake.local_index]
+            peer.handshake = None
+        peer.initiation_bytes = None
+
+    def _new_index(self, owner: object) -> int:
+        while True:
+            idx = _U32.unpack(self._rng(4))[0]
+            if idx not in self._indices:
+                self._indices[idx] = owner
+                return idx
+
+    def _jitter(self) -> float:
+        return _U32.unpack(self._rng(4))[0] / 2**32 * REKEY_TIMEOUT_JITTER_MAX
+
+    # ------------------------------------------------------------- handshakes
+    def _initiate(self, peer: Peer, now: float, *, retry: bool) -> Datagrams:
+        if not retry:
+            if (peer.last_initiation_sent is not None
+                    and now - peer.last_initiation_sent < REKEY_TIMEOUT):
+                return []
+            peer.handshake_attempts = 0
+        targets = peer.endpoint_set.ordered_for_handshake()
+        if not targets or peer.static_static is None:
+            return []
+        self._clear_handshake(peer)
+        idx = self._new_index(peer)
+        msg, state = noise.create_initiation(
+            local_static_public=self._public_key, remote_static=peer.public_key,
+            static_static=peer.static_static, local_index=idx,
+            timestamp=crypto.tai64n(self._wall_clock(now)), rng=self._rng)
+        peer.handshake = state
+        msg = peer.cookies.add_macs(msg, now)
+        peer.initiation_bytes = msg
+        peer.last_initiation_sent = now
+        self._any_authenticated_sent(peer, now)
+        peer.t_retransmit = now + REKEY_TIMEOUT + self._jitter()
+        first, others = targets[0], targets[1:]
+        out: Datagrams = [(msg, first)]
+        if others:
+            if self.happy_eyeballs_delay <= 0:
+                out.extend((msg, e) for e in others)
+            else:
+                peer.eyeballs = (msg, others, now + self.happy_eyeballs_delay)
+        else:
+            peer.eyeballs = None
+        peer.tx_bytes += len(msg) * len(out)
+        return out
+
+    def _is_under_load(self, now: float) -> bool:
+        times = self._handshake_times
+        times.append(now)
+        horizon = now - self.under_load_window
+        while times and times[0] < horizon:
+            times.popleft()
+        return len(times) > self.under_load_threshold
+
+    def _handle_initiation(self, data: bytes, src: Endpoint, now: float, out: Datagrams) -> None:
+        if not self._cookies.check_mac1(data, INITIATION_MAC1_OFFSET):
+            self.dropped += 1
+            return
+        data = bytes(data)
+        under_load = self._is_under_load(now)
+        # A byte-identical copy of the initiation we answered last: with happy
+        # eyeballs the initiator sends one initiation to several of our
+        # addresses. Each copy is answered on its own path, with the SAME
+        # response bytes: a fresh response would create a second keypair and
+        # the initiator, keeping whichever response arrived first, could end up
+        # on keys we already replaced. Re-sending creates no state, costs no DH
+        # and is smaller than the initiation (no amplification), so it is safe
+        # without a cookie; it is bounded in time and count, and it does not
+        # roam (anyone can replay the bytes).
+        for peer in self.peers.values():
+            if peer.answered_initiation == data:
+                if (now - peer.answered_at < DUPLICATE_ANSWER_WINDOW
+                        and peer.answered_duplicates < DUPLICATE_ANSWER_LIMIT
+                        and peer.answered_response is not None):
+                    peer.answered_duplicates += 1
+                    peer.rx_bytes += len(data)
+                    peer.tx_bytes += len(peer.answered_response)
+                    out.append((peer.answered_response, src))
+                else:
+                    self.dropped += 1
+                return
+        if under_load and not self._cookies.check_mac2(data, INITIATION_MAC1_OFFSET, src, now):
+            out.append((self._cookies.make_reply(data, INITIATION_MAC1_OFFSET, src, now), src))
+            return
+        try:
+            init = noise.consume_initiation(
+                data, local_static_private=self._private_key,
+                local_static_public=self._public_key,
+                static_static_for=self._static_static_for)
+        except HandshakeCryptoError:
+            self.dropped += 1
+            return
+        peer = self.peers[init.remote_static]
+        # TAI64N replay protection and WireGuard's flood guard.
+        if init.timestamp <= peer.latest_timestamp:
+            self.dropped += 1
+            return
+        if (peer.last_initiation_consumed is not None
+                and now - peer.last_initiation_consumed < INITIATIONS_MIN_INTERVAL):
+            self.dropped += 1
+            return
+        peer.latest_timestamp = init.timestamp
+        peer.last_initiation_consumed = now
+        # One handshake per peer: the peer's initiation supersedes ours.
+        self._clear_handshake(peer)
+        peer.eyeballs = None
+        peer.rx_bytes += len(data)
+        peer.endpoint_set.confirm(src)
+        self._any_authenticated_received(peer, now)
+
+        kp_placeholder = object()
+        idx = self._new_index(kp_placeholder)
+        msg, keys = noise.create_response(init, local_index=idx,
+                                          preshared_key=peer.preshared_key, rng=self._rng)
+        msg = peer.cookies.add_macs(msg, now)
+        kp = Keypair(peer, keys.send_key, keys.recv_key, initiator=False, local_index=idx,
+                     remote_index=keys.remote_index, created=now)
+        self._indices[idx] = kp
+        self._install_keypair(peer, kp, now)
+        peer.answered_initiation = data
+        peer.answered_response = msg
+        peer.answered_at = now
+        peer.answered_duplicates = 0
+        self._any_authenticated_sent(peer, now)
+        peer.tx_bytes += len(msg)
+        out.append((msg, src))
+
+    def _static_static_for(self, remote_static: bytes) -> bytes | None:
+        peer = self.peers.get(remote_static)
+        return peer.static_static if peer is not None else None
+
+    def _handle_response(self, data: bytes, src: Endpoint, now: float, out: Datagrams) -> None:
+        if not self._cookies.check_mac1(data, RESPONSE_MAC1_OFFSET):
+            self.dropped += 1
+            return
+        data = bytes(data)
+        under_load = self._is_under_load(now)
+        receiver = _U32.unpack_from(data, 8)[0]
+        peer = self._indices.get(receiver)
+        if not isinstance(peer, Peer) or peer.handshake is None \
+                or peer.handshake.local_index != receiver:
+            self.dropped += 1
+            return
+        if under_load and not self._cookies.check_mac2(data, RESPONSE_MAC1_OFFSET, src, now):
+            out.append((self._cookies.make_reply(data, RESPONSE_MAC1_OFFSET, src, now), src))
+            return
+        try:
+            keys = noise.consume_response(data, peer.handshake,
+                                          local_static_private=self._private_key,
+                                          preshared_key=peer.preshared_key)
+        except HandshakeCryptoError:
+            self.dropped += 1
+            return
+        idx = peer.handshake.local_index
+        peer.handshake = None
+        peer.initiation_bytes = None
+        kp = Keypair(peer, keys.send_key, keys.recv_key, initiator=True, local_index=idx,
+                     remote_index=keys.remote_index, created=now)
+        self._indices[idx] = kp
+        peer.rx_bytes += len(data)
+        # First valid response wins: its source becomes the active endpoint and
+        # the copies not yet sent to the other endpoints are no longer needed.
+        peer.eyeballs = None
+        peer.endpoint_set.confirm(src)
+        self._any_authenticated_received(peer, now)
+        self._install_keypair(peer, kp, now)
+        self._handshake_complete(peer, now)
+        # Confirm the new session at once: staged packets, or a keepalive.
+        if not peer.staged:
+            peer.staged.append(b"")
+        out.extend(self._send_staged(peer, now))
+
+    def _handle_cookie_reply(self, data: bytes, now: float) -> None:
+        receiver = _U32.unpack_from(data, 4)[0]
+        owner = self._indices.get(receiver)
+        peer = owner if isinstance(owner, Peer) else getattr(owner, "peer", None)
+        if peer is None:
+            self.dropped += 1
+            return
+        try:
+            peer.cookies.consume_reply(bytes(data), now)
+        except HandshakeCryptoError:
+            self.dropped += 1
+
+    def _install_keypair(self, peer: Peer, kp: Keypair, now: float) -> None:
+        """Place a fresh keypair following WireGuard's current/previous/next rules."""
+        drop: list[Keypair | None] = []
+        if kp.initiator:
+            if peer.next is not None:
+                drop += [peer.previous, peer.current]
+                peer.previous, peer.next = peer.next, None
+            else:
+                drop.append(peer.previous)
+                peer.previous = peer.current
+            peer.current = kp
+        else:
+            # A responder may not send with new keys before the initiator used
+            # them once: they wait as "next" until the first data arrives.
+            drop += [peer.next, peer.previous]
+            peer.next = kp
+            peer.previous = None
+        for old in drop:
+            if old is not None:
+                self._indices.pop(old.local_index, None)
+        peer.sent_lastminute_handshake = False
+        peer.t_zero_keys = now + ZERO_KEYS_AFTER
+
+    def _handshake_complete(self, peer: Peer, now: float) -> None:
+        peer.t_retransmit = None
+        peer.handshake_attempts = 0
+        peer.last_handshake = now
+
+    # ----------------------------------------------------------- timer rules
+    def _any_authenticated_sent(self, peer: Peer, now: float) -> None:
+        peer.t_send_keepalive = None
+        if peer.persistent_keepalive:
+            peer.t_persistent = now + peer.persistent_keepalive
+
+    def _any_authenticated_received(self, peer: Peer, now: float) -> None:
+        peer.t_new_handshake = None
+        if peer.persistent_keepalive:
+            peer.t_persistent = now + peer.persistent_keepalive
+
+    def _data_sent(self, peer: Peer, now: float) -> None:
+        if peer.t_new_handshake is None:
+            peer.t_new_handshake = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+
+    def _data_received(self, peer: Peer, now: float) -> None:
+        if peer.t_send_keepalive is None:
+            peer.t_send_keepalive = now + KEEPALIVE_TIMEOUT
+        else:
+            peer.keepalive_needed = True
+
+    # -------------------------------------------------------------- transport
+    def _usable_send_keypair(self, peer: Peer, now: float) -> Keypair | None:
+        kp = peer.current
+        if kp is None or now - kp.created >= REJECT_AFTER_TIME \
+                or kp.send_counter >= REJECT_AFTER_MESSAGES:
+            return None
+        return kp
+
+    def _send_staged(self, peer: Peer, now: float) -> Datagrams:
+        """Encrypt the peer's staged packets (b"" = keepalive), or start a handshake."""
+        kp = self._usable_send_keypair(peer, now)
+        endpoint = peer.endpoint_set.active
+        if kp is None or endpoint is None:
+            return self._initiate(peer, now, retry=False)
+        packets = list(peer.staged)
+        peer.staged.clear()
+        return self._seal(peer, kp, endpoint, packets, now)
+
+    def _seal(self, peer: Peer, kp: Keypair, endpoint: Endpoint, packets: list[bytes],
+              now: float) -> Datagrams:
+        out: Datagrams = []
+        data_sent = False
+        mtu = self.mtu
+        tx = 0
+        seal = kp.seal
+        for pkt in packets:
+            n = len(pkt)
+            if n:
+                data_sent = True
+                # Pad to a multiple of 16 (hides exact lengths), never beyond the MTU.
+                padded = (n + 15) & ~15
+                if padded > mtu:
+                    padded = max(n, mtu)
+                if padded != n:
+                    pkt = bytes(pkt) + bytes(padded - n)
+            msg = seal(pkt)
+            tx += len(msg)
+            out.append((msg, endpoint))
+        peer.tx_bytes += tx
+        self._any_authenticated_sent(peer, now)
+        if data_sent:
+            self._data_sent(peer, now)
+        # Keep the key fresh: the initiator rekeys after REKEY_AFTER_TIME, anyone after too many messages.
+        if kp.send_counter >= REKEY_AFTER_MESSAGES or (
+                kp.initiator and now - kp.created >= REKEY_AFTER_TIME):
+            out.extend(self._initiate(peer, now, retry=False))
+        return out
+
+    def tun_packets(self, packets: Iterable[bytes], now: float) -> Datagrams:
+        """Plaintext IP packets read from the TUN -> datagrams to send."""
+        lookup = self.allowed_ips.lookup_packet_destination
+        by_peer: dict[Peer, list[bytes]] = {}
+        for pkt in packets:
+            peer = lookup(pkt)
+            if peer is None:
+                self.dropped += 1
+                continue
+            lst = by_peer.get(peer)
+            if lst is None:
+                by_peer[peer] = [pkt]
+            else:
+                lst.append(pkt)
+        out: Datagrams = []
+        for peer, pkts in by_peer.items():
+            kp = self._usable_send_keypair(peer, now)
+            endpoint = peer.endpoint_set.active
+            if kp is not None and endpoint is not None and not peer.staged:
+                out.extend(self._seal(peer, kp, endpoint, pkts, now))
+            else:
+                # No session yet (or packets already waiting): keep the newest
+                # ones and make sure a handshake is under way.
+                peer.staged.extend(pkts)
+                out.extend(self._send_staged(peer, now))
+        return out
+
+    def datagrams(self, items: Iterable[tuple[bytes, Endpoint]],
+                  now: float) -> tuple[list[bytes], Datagrams]:
+        """Received datagrams -> (IP packets for the TUN, datagrams to send)."""
+        packets: list[bytes] = []
+        out: Datagrams = []
+        received: dict[Peer, Keypair] = {}
+        got_data: set[Peer] = set()
+        indices = self._indices
+        for data, src in items:
+            n = len(data)
+            if n < 4:
+                self.dropped += 1
+                continue
+            head = _U32.unpack_from(data, 0)[0]
+            try:
+                if head == 4 and n >= TRANSPORT_MIN_SIZE:
+                    _, receiver, counter = _TRANSPORT_HEADER.unpack_from(data, 0)
+                    kp = indices.get(receiver)
+                    if type(kp) is not Keypair or now - kp.created >= REJECT_AFTER_TIME \
+                            or not kp.replay.check(counter):
+                        self.dropped += 1
+                        continue
+                    try:
+                        plain = kp.recv_cipher.decrypt(_NONCE.pack(counter),
+                                                       memoryview(data)[16:], None)
+                    except InvalidTag:
+                        self.dropped += 1
+                        continue
+                    if not kp.replay.accept(counter):
+                        self.dropped += 1
+                        continue
+                    peer = kp.peer
+                    peer.rx_bytes += n
+                    if src != peer.endpoint_set.active:
+                        peer.endpoint_set.confirm(src)
+                    if kp is peer.next:
+                        self._confirm_next(peer, now)
+                    received[peer] = kp
+                    if plain:
+                        pkt = self._check_inner(plain, peer)
+                        if pkt is not None:
+                            packets.append(pkt)
+                            got_data.add(peer)
+                        else:
+                            self.dropped += 1
+                elif head == 1 and n == INITIATION_SIZE:
+                    self._handle_initiation(data, src, now, out)
+                elif head == 2 and n == RESPONSE_SIZE:
+                    self._handle_response(data, src, now, out)
+                elif head == 3 and n == COOKIE_REPLY_SIZE:
+                    self._handle_cookie_reply(data, now)
+                else:
+                    self.dropped += 1
+            except (ValueError, struct.error, HandshakeCryptoError):
+                self.dropped += 1
+        # Timer updates once per peer per batch instead of once per packet.
+        for peer, kp in received.items():
+            self._any_authenticated_received(peer, now)
+            if peer in got_data:
+                self._data_received(peer, now)
+            if (kp is peer.current and kp.initiator and not peer.sent_lastminute_handshake
+                    and now - kp.created >= REKEY_ON_RECEIVE_AGE):
+                peer.sent_lastminute_handshake = True
+                out.extend(self._initiate(peer, now, retry=False))
+        return packets, out
+
+    def _confirm_next(self, peer: Peer, now: float) -> None:
+        """The initiator used the keys we responded with: promote them to current."""
+        if peer.previous is not None:
+            self._indices.pop(peer.previous.local_index, None)
+        peer.previous = peer.current
+        peer.current = peer.next
+        peer.next = None
+        self._handshake_complete(peer, now)
+
+    def _check_inner(self, plain: bytes, peer: Peer) -> bytes | None:
+        """Strip padding and check the source address against the peer's AllowedIPs."""
+        version = plain[0] >> 4
+        n = len(plain)
+        if version == 4:
+            if n < 20:
+                return None
+            total = (plain[2] << 8) | plain[3]
+            if total < 20 or total > n:
+                return None
+            if self.allowed_ips.lookup_v4(plain[12:16]) is not peer:
+                return None
+        elif version == 6:
+            if n < 40:
+                return None
+            total = 40 + ((plain[4] << 8) | plain[5])
+            if total > n:
+                return None
+            if self.allowed_ips.lookup_v6(plain[8:24]) is not peer:
+                return None
+        else:
+            return None
+        return plain if total == n else plain[:total]
+
+    # ------------------------------------------------------------------ timers
+    def next_deadline(self) -> float | None:
+        best: float | None = None
+        for peer in self.peers.values():
+            for t in peer.deadlines():
+                if best is None or t < best:
+                    best = t
+        return best
+
+    def handle_timers(self, now: float) -> Datagrams:
+        out: Datagrams = []
+        for peer in list(self.peers.values()):
+            if peer.eyeballs is not None and now >= peer.eyeballs[2]:
+                msg, targets, _ = peer.eyeballs
+                peer.eyeballs = None
+                failed = peer.endpoint_set.failed_at
+                for e in targets:
+                    if now - failed.get(e, -1e18) >= REKEY_TIMEOUT:
+                        out.append((msg, e))
+                        peer.tx_bytes += len(msg)
+            if peer.t_retransmit is not None and now >= peer.t_retransmit:
+                peer.t_retransmit = None
+                if peer.handshake_attempts >= MAX_TIMER_HANDSHAKES:
+                    # Give up after REKEY_ATTEMPT_TIME; the keys go after a while.
+                    peer.staged.clear()
+                    self._clear_handshake(peer)
+                    peer.eyeballs = None
+                    if peer.t_zero_keys is None:
+                        peer.t_zero_keys = now + ZERO_KEYS_AFTER
+                else:
+                    peer.handshake_attempts += 1
+                    out.extend(self._initiate(peer, now, retry=True))
+            if peer.t_send_keepalive is not None and now >= peer.t_send_keepalive:
+                peer.t_send_keepalive = None
+                out.extend(self._keepalive(peer, now))
+                if peer.keepalive_needed:
+                    peer.keepalive_needed = False
+                    peer.t_send_keepalive = now + KEEPALIVE_TIMEOUT
+            if peer.t_new_handshake is not None and now >= peer.t_new_handshake:
+                # We sent data and heard nothing for KEEPALIVE + REKEY_TIMEOUT.
+                peer.t_new_handshake = None
+                out.extend(self._initiate(peer, now, retry=False))
+            if peer.t_zero_keys is not None and now >= peer.t_zero_keys:
+                peer.t_zero_keys = None
+                self._drop_sessions(peer)
+            if peer.t_persistent is not None and now >= peer.t_persistent:
+                peer.t_persistent = None
+                if peer.persistent_keepalive:
+                    out.extend(self._keepalive(peer, now))
+                    if peer.t_persistent is None:  # nothing could be sent: try again later
+                        peer.t_persistent = now + peer.persistent_keepalive
+        return out
+
+    def _keepalive(self, peer: Peer, now: float) -> Datagrams:
+        if not peer.staged:
+            peer.staged.append(b"")
+        return self._send_staged(peer, now)
+
+    # ---------------------------------------------------------------- endpoints
+    def send_failed(self, endpoint: Endpoint, err: int, now: float) -> Datagrams:
+        """The shell could not send to `endpoint` (ENETUNREACH, EHOSTUNREACH, ...).
+
+        If it was a peer's active endpoint, switch to another endpoint at once
+        and offer the handshake on the remaining ones; the session is kept.
+        """
+        out: Datagrams = []
+        for peer in self.peers.values():
+            eset = peer.endpoint_set
+            if endpoint not in eset.all() and endpoint != eset.active:
+                continue
+            eset.failed_at[endpoint] = now
+            if endpoint != eset.active:
+                continue
+            fresh = [e for e in eset.ordered_for_handshake()
+                     if e != endpoint and now - eset.failed_at.get(e, -1e18) >= REKEY_TIMEOUT]
+            if not fresh:
+                continue
+            eset.active = fresh[0]
+            if peer.eyeballs is not None:
+                # Happy eyeballs were still holding copies back: send them now.
+                msg, _, _ = peer.eyeballs
+                peer.eyeballs = None
+                out.extend((msg, e) for e in fresh)
+                peer.tx_bytes += len(msg) * len(fresh)
+            elif (peer.initiation_bytes is not None and peer.last_initiation_sent is not None
+                  and now - peer.last_initiation_sent < REKEY_TIMEOUT):
+                # A handshake is in flight: offer the same initiation on the
+                # other paths (the responder answers identical copies).
+                out.extend((peer.initiation_bytes, e) for e in fresh)
+                peer.tx_bytes += len(peer.initiation_bytes) * len(fresh)
+            else:
+                sent = self._initiate(peer, now, retry=True)
+                out.extend(sent)
+                if peer.eyeballs is not None:
+                    msg, targets, _ = peer.eyeballs
+                    peer.eyeballs = None
+                    out.extend((msg, e) for e in targets if e in fresh)
+        return out

@@ -1,0 +1,95 @@
+"""Per-peer state: configuration, endpoint set, sessions and timer deadlines.
+
+The peer is plain data; the rules that move it along live in device.py. The
+session (keypairs, counters, replay windows) belongs to the peer and not to an
+endpoint, so a change of path never resets it.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import deque
+
+from .allowedips import IPNetwork
+from .constants import MAX_STAGED_PACKETS
+from .cookie import CookieJar
+from .endpoints import Endpoint, EndpointSet
+from .keypair import Keypair
+from .noise import InitiatorState
+
+
+class Peer:
+    def __init__(self, public_key: bytes, static_static: bytes | None):
+        self.public_key = public_key
+        self.preshared_key: bytes | None = None
+        self.allowed_ips: list[IPNetwork] = []
+        self.persistent_keepalive = 0
+        self.endpoint_set = EndpointSet()
+        self.cookies = CookieJar(public_key)
+        # DH(our static, their static), precomputed; None if their key is a bad point.
+        self.static_static = static_static
+
+        self.current: Keypair | None = None
+        self.previous: Keypair | None = None
+        self.next: Keypair | None = None
+        self.handshake: InitiatorState | None = None
+        # The initiation bytes of the pending handshake, re-sent unchanged to
+        # every endpoint (happy eyeballs) and after a send error.
+        self.initiation_bytes: bytes | None = None
+        self.last_initiation_sent: float | None = None
+        self.handshake_attempts = 0
+        self.sent_lastminute_handshake = False
+
+        # Responder side: replay protection and duplicate answering.
+        self.latest_timestamp = b""
+        self.last_initiation_consumed: float | None = None
+        self.answered_initiation: bytes | None = None
+        self.answered_response: bytes | None = None
+        self.answered_at = 0.0
+        self.answered_duplicates = 0
+
+        self.staged: deque[bytes] = deque(maxlen=MAX_STAGED_PACKETS)
+
+        # Timer deadlines (core clock) or None when not armed.
+        self.t_retransmit: float | None = None
+        self.t_send_keepalive: float | None = None
+        self.keepalive_needed = False
+        self.t_new_handshake: float | None = None
+        self.t_zero_keys: float | None = None
+        self.t_persistent: float | None = None
+        # Happy eyeballs: (message, endpoints, when) still to be sent.
+        self.eyeballs: tuple[bytes, list[Endpoint], float] | None = None
+
+        self.last_handshake: float | None = None
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+
+    def __repr__(self) -> str:
+        return f"Peer({base64.b64encode(self.public_key).decode()}, active={self.active_endpoint!r})"
+
+    # Endpoint views (the API other parts use).
+    @property
+    def configured_endpoints(self) -> list[Endpoint]:
+        return list(self.endpoint_set.configured)
+
+    @property
+    def learned_endpoints(self) -> list[Endpoint]:
+        return list(self.endpoint_set.learned)
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return self.endpoint_set.all()
+
+    @property
+    def active_endpoint(self) -> Endpoint | None:
+        return self.endpoint_set.active
+
+    def keypairs(self) -> list[Keypair]:
+        return [k for k in (self.current, self.previous, self.next) if k is not None]
+
+    def deadlines(self) -> list[float]:
+        out = [t for t in (self.t_retransmit, self.t_send_keepalive, self.t_new_handshake,
+                           self.t_zero_keys, self.t_persistent) if t is not None]
+        if self.eyeballs is not None:
+            out.append(self.eyeballs[2])
+        return out
