@@ -137,6 +137,7 @@ class Pair:
         out = self.ns["a"].run("iperf3", "-c", INNER["b"], "-t", str(seconds), "-J",
                                timeout=seconds + 30)
         data = json.loads(out.stdout)
+        self.retransmits = data["end"]["sum_sent"].get("retransmits")
         return data["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
@@ -152,7 +153,9 @@ def measure(mode: str, seconds: int, profile: bool) -> float:
             p.start_agent("b", kb[0], ka[1], profile)
         else:
             p.start_wggo("b", kb[0], ka[1])
-        return p.iperf(seconds)
+        gbps = p.iperf(seconds)
+        print(f"{mode}: {gbps:.3f} Gbit/s, TCP retransmits {p.retransmits}", flush=True)
+        return gbps
 
 
 def main() -> None:

@@ -290,17 +290,7 @@ class Agent:
             return
         items: list[tuple[bytes, tuple]] = []
         others: list[tuple[bytes, tuple]] = []
-        append = items.append
-
-        def sink(data: bytes, addr: tuple) -> None:
-            # WireGuard: type 1-4 then three zero bytes; everything else
-            # (STUN, TURN ChannelData, ...) goes to the pluggable handler.
-            if len(data) >= 4 and 1 <= data[0] <= 4 and data[1:4] == b"\0\0\0":
-                append((data, addr))
-            else:
-                others.append((data, addr))
-
-        udp.drain(sock, UDP_BURST, sink)
+        udp.drain(sock, UDP_BURST, items, others)
         if items:
             packets, out = self.device.datagrams(items, time.monotonic())
             fd = self._tun_fd

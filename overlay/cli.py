@@ -186,7 +186,10 @@ async def run_up(config: InterfaceConfig, ifname: str, socket_dir: str, resolve_
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    agent = Agent(config, ifname, resolved_endpoints=resolved)
+    try:
+        agent = Agent(config, ifname, resolved_endpoints=resolved)
+    except (ValueError, OSError) as e:
+        raise UserError(f"up {ifname}: {_describe_startup_error(e)}") from None
     server = control.UapiServer(agent, ifname, socket_dir)
     reresolver = Reresolver(agent, config, resolve_interval)
     server.on_endpoints_set = reresolver.endpoints_set_by_user
@@ -226,12 +229,13 @@ async def run_up(config: InterfaceConfig, ifname: str, socket_dir: str, resolve_
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level, args.log_format)
     try:
         config = load_config(args.config)
     except ConfigError as e:
         raise UserError(str(e)) from None
     ifname = validate_ifname(args.interface or Path(args.config).stem)
+    # Logging is set up only once the agent is really going to run.
+    setup_logging(args.log_level, args.log_format)
     return asyncio.run(run_up(config, ifname, args.socket_dir, args.resolve_interval))
 
 

@@ -119,7 +119,7 @@ class RelayApp:
             alternate_ip=alt_ip, advertise=dict(t.advertise),
         )
         core = TurnCore(settings, ports=None)  # type: ignore[arg-type]
-        core.on_log = lambda event, **kw: self.log(event, level="debug", **kw)
+        core.on_log = lambda event, level="debug", **kw: self.log(event, level=level, **kw)
         self.turn = server = TurnServer(core, relay, fd_limit=nofile)
 
         # STUN/TURN listeners. Port 0 picks one free port on the first UDP socket and reuses it everywhere.

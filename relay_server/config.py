@@ -56,8 +56,8 @@ class TurnSection:
     relay_ipv4: str | None = None
     relay_ipv6: str | None = None
     realm: str = "overlay"
-    secret: str | None = None
-    users: dict[str, str] = field(default_factory=dict)
+    secret: str | None = field(default=None, repr=False)
+    users: dict[str, str] = field(default_factory=dict, repr=False)
     tls_cert: str | None = None
     tls_key: str | None = None
     allow_loopback_peers: bool = False

@@ -77,9 +77,9 @@ class BadRequest(Exception):
 
 @dataclass
 class RendezvousSettings:
-    server_private: bytes
-    turn_secret: str
-    turn_urls: list[str]
+    server_private: bytes = field(repr=False)
+    turn_secret: str = field(repr=False)
+    turn_urls: list[str] = field(default_factory=list)
     credential_ttl: int = 86400
     rate_per_minute: int = 60
     rate_burst: int = 20

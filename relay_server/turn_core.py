@@ -18,19 +18,21 @@ between preallocated buffers without building messages.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import heapq
 import ipaddress
 import itertools
 import os
 import struct
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 from overlay.stun import message as m
-from overlay.stun.credentials import rest_expiry, rest_password
 from overlay.stun.message import Address, Message, StunError
+
+from .stun_binding import answer_binding
+from .turn_auth import Authenticator
+from .turn_state import (  # noqa: F401  (re-exported: the core's public vocabulary)
+    Allocation, Channel, ClientTransport, Out, RelayPorts, TurnSettings, TurnStats, error_response, family_of,
+)
 
 # Attributes this server understands; any other comprehension-required one gets 420.
 KNOWN_ATTRIBUTES = frozenset(
@@ -45,131 +47,13 @@ KNOWN_ATTRIBUTES = frozenset(
 
 SWEEP_INTERVAL = 30.0
 RESERVATION_LIFETIME = 30.0
-Out = tuple[object, bytes, Address]
-
-
-class RelayPorts(Protocol):
-    """Opens and closes relayed transport addresses (real UDP sockets in the shell)."""
-
-    def open(self, family: int, alloc: "Allocation", even: bool = False,
-             reserve: bool = False) -> tuple[object, Address, object | None] | None:
-        """Open a relayed address for `alloc` (an even port when `even`; with `reserve`, also
-        hold the next port and return its handle third). None when no port is available."""
-        ...
-
-    def adopt(self, reserved: object, alloc: "Allocation") -> Address:
-        """Hand a previously reserved port to `alloc`; returns its address."""
-        ...
-
-    def close(self, handle: object) -> None: ...
-
-
-class ClientTransport:
-    """One way clients reach the server: a UDP listener or one TCP/TLS connection.
-
-    `allocs` maps a client address to its allocation, so the per-packet lookup is
-    one dict access on the transport the datagram came in on.
-    """
-
-    __slots__ = ("local", "stream", "allocs", "name")
-
-    def __init__(self, local: Address, stream: bool, name: str = "udp") -> None:
-        self.local = local
-        self.stream = stream
-        self.allocs: dict[Address, Allocation] = {}
-        self.name = name
-
-
-class Channel:
-    __slots__ = ("number", "peer", "expires", "until", "header")
-
-    def __init__(self, number: int, peer: Address, expires: float) -> None:
-        self.number = number
-        self.peer = peer
-        self.expires = expires
-        # min(channel expiry, permission expiry for the peer's IP): the one number the
-        # per-packet path compares against `now`.
-        self.until = 0.0
-        self.header = number << 16  # ChannelData header without the length
-
-
-class Allocation:
-    __slots__ = (
-        "transport", "client", "username", "key", "relay", "relayed", "family", "expires",
-        "perms", "channels", "peer_channels", "last_txid", "last_response", "tokens", "tb_time",
-    )
-
-    def __init__(self, transport: ClientTransport, client: Address, username: str, key: bytes, family: int) -> None:
-        self.transport = transport
-        self.client = client
-        self.username = username
-        self.key = key
-        self.family = family
-        self.relay: object = None
-        self.relayed: Address = ("", 0)
-        self.expires = 0.0
-        self.perms: dict[str, float] = {}
-        self.channels: dict[int, Channel] = {}
-        self.peer_channels: dict[Address, Channel] = {}
-        self.last_txid = b""
-        self.last_response = b""
-        self.tokens = 0.0
-        self.tb_time = 0.0
-
-    def update_routes(self, ip: str) -> None:
-        perm = self.perms.get(ip, 0.0)
-        for ch in self.channels.values():
-            if ch.peer[0] == ip:
-                ch.until = min(ch.expires, perm)
-
-
-@dataclass
-class TurnSettings:
-    realm: str = "overlay"
-    software: str | None = "overlay-relay"
-    default_lifetime: int = 600
-    max_lifetime: int = 3600
-    permission_lifetime: int = 300
-    channel_lifetime: int = 600
-    nonce_lifetime: int = 600
-    max_allocations_per_user: int = 100
-    max_allocations: int = 100_000
-    bandwidth: int = 0  # bytes/s per allocation, both directions; 0 = unlimited
-    allow_loopback_peers: bool = False
-    # TURN REST shared secret and/or static long-term users.
-    shared_secret: str | None = None
-    users: dict[str, str] = field(default_factory=dict)
-    # IPs this server answers on: relaying to them is refused unless allow_loopback_peers.
-    own_ips: set[str] = field(default_factory=set)
-    # Exact listener addresses: never a permitted peer (would loop back into the server).
-    own_endpoints: set[Address] = field(default_factory=set)
-    # RFC 5780: each listener IP's alternate IP, each listener port's alternate port.
-    alternate_ip: dict[str, str] = field(default_factory=dict)
-    alternate_port: dict[int, int] = field(default_factory=dict)
-    # Address to advertise for a local IP (server behind a 1:1 NAT).
-    advertise: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class TurnStats:
-    allocations_total: int = 0
-    auth_failures: int = 0
-    bad_requests: int = 0
-    pkts_in: int = 0
-    pkts_out: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-
-
-def _family_of(ip: str) -> int:
-    return m.FAMILY_IPV6 if ":" in ip else m.FAMILY_IPV4
 
 
 class TurnCore:
     def __init__(self, settings: TurnSettings, ports: RelayPorts, nonce_key: bytes | None = None) -> None:
         self.s = settings
         self.ports = ports
-        self._nonce_key = nonce_key or os.urandom(32)
+        self.auth = Authenticator(settings, nonce_key)
         self.allocations: set[Allocation] = set()
         self.per_user: dict[str, int] = {}
         self._heap: list[tuple[float, int, Allocation]] = []
@@ -316,7 +200,7 @@ class TurnCore:
         if unknown:
             return [(transport, self._error(msg, 420, unknown=unknown), client)]
         if msg.method == m.BINDING:
-            return self._binding(msg, transport, client)
+            return answer_binding(msg, transport, client, self.s)
         if msg.classic:
             return []
         if msg.method not in (m.ALLOCATE, m.REFRESH, m.CREATE_PERMISSION, m.CHANNEL_BIND):
@@ -330,116 +214,15 @@ class TurnCore:
             key = alloc.key if alloc else None
             return [(transport, self._error(msg, 400, f"Bad Request: {exc}"[:120], key=key), client)]
 
-    # -- STUN Binding (RFC 8489, RFC 5780) -------------------------------------------
-    def _binding(self, msg: Message, transport: ClientTransport, client: Address) -> list[Out]:
-        local = transport.local
-        source: object = transport
-        resp = Message(m.BINDING, m.SUCCESS, msg.transaction_id, classic=msg.classic)
-        alt_ip = self.s.alternate_ip.get(local[0])
-        alt_port = self.s.alternate_port.get(local[1])
-        change = msg.get(m.CHANGE_REQUEST)
-        if change is not None and not transport.stream:
-            if len(change) != 4:
-                return [(transport, self._error(msg, 400, "CHANGE-REQUEST must be 4 bytes"), client)]
-            flags = change[3]
-            want_ip, want_port = bool(flags & 0x04), bool(flags & 0x02)
-            if (want_ip and not alt_ip) or (want_port and not alt_port):
-                return [(transport, self._error(msg, 420, unknown=[m.CHANGE_REQUEST]), client)]
-            if want_ip or want_port:
-                source = (alt_ip if want_ip else local[0], alt_port if want_port else local[1])
-        origin = source if isinstance(source, tuple) else local
-        dest = client
-        response_port = msg.get(m.RESPONSE_PORT)
-        if response_port is not None and not transport.stream:
-            # RFC 5780 7.5: answer to the client's IP at the port it names (filtering tests).
-            if len(response_port) != 4 or response_port[:2] == b"\0\0":
-                return [(transport, self._error(msg, 400, "bad RESPONSE-PORT"), client)]
-            dest = (client[0], struct.unpack("!H", response_port[:2])[0])
-        if msg.classic:
-            resp.add_address(m.MAPPED_ADDRESS, client)
-            resp.add_address(m.SOURCE_ADDRESS, self._advertised(origin))
-            if alt_ip and alt_port:
-                resp.add_address(m.CHANGED_ADDRESS, self._advertised((alt_ip, alt_port)))
-            return [(source, resp.encode(fingerprint=False), dest)]
-        resp.add_xor_address(m.XOR_MAPPED_ADDRESS, client)
-        resp.add_address(m.MAPPED_ADDRESS, client)
-        if alt_ip and alt_port:
-            resp.add_address(m.RESPONSE_ORIGIN, self._advertised(origin))
-            resp.add_address(m.OTHER_ADDRESS, self._advertised((alt_ip, alt_port)))
-        if self.s.software:
-            resp.add(m.SOFTWARE, self.s.software.encode())
-        return [(source, resp.encode(), dest)]
-
-    def _advertised(self, addr: Address) -> Address:
-        return self.s.advertise.get(addr[0], addr[0]), addr[1]
-
-    # -- authentication ----------------------------------------------------------------
-    def make_nonce(self, now: float) -> bytes:
-        expiry = f"{int(now) + self.s.nonce_lifetime:x}"
-        mac = hmac.new(self._nonce_key, expiry.encode(), hashlib.sha256).hexdigest()[:16]
-        return f"{expiry}-{mac}".encode()
-
-    def _nonce_valid(self, nonce: bytes, now: float) -> bool:
-        try:
-            expiry, mac = nonce.decode("ascii").split("-", 1)
-            good = hmac.new(self._nonce_key, expiry.encode(), hashlib.sha256).hexdigest()[:16]
-            return hmac.compare_digest(mac, good) and int(expiry, 16) >= now
-        except (ValueError, UnicodeDecodeError):
-            return False
-
-    def password_for(self, username: str, now: float) -> str | None:
-        static = self.s.users.get(username)
-        if static is not None:
-            return static
-        if self.s.shared_secret:
-            expiry = rest_expiry(username)
-            if expiry is not None and expiry >= now:
-                return rest_password(self.s.shared_secret, username)
-        return None
-
-    def _challenge(self, msg: Message, code: int, now: float, reason: str | None = None) -> bytes:
-        resp = Message(msg.method, m.ERROR, msg.transaction_id)
-        resp.add_error(code, reason)
-        resp.add(m.REALM, self.s.realm.encode()).add(m.NONCE, self.make_nonce(now))
-        if self.s.software:
-            resp.add(m.SOFTWARE, self.s.software.encode())
-        return resp.encode()
-
-    def _authenticate(self, msg: Message, now: float) -> tuple[str, bytes] | bytes:
-        """(username, key) for a correctly signed request, else the error response to send."""
-        if msg.integrity_offset < 0:
-            return self._challenge(msg, 401, now)
-        username, realm, nonce = msg.get(m.USERNAME), msg.get(m.REALM), msg.get(m.NONCE)
-        if username is None or realm is None or nonce is None:
-            self.stats.bad_requests += 1
-            return self._error(msg, 400, "USERNAME, REALM and NONCE are required with MESSAGE-INTEGRITY")
-        if not self._nonce_valid(nonce, now):
-            return self._challenge(msg, 438, now)
-        try:
-            user = username.decode("utf-8")
-            realm_s = realm.decode("utf-8")
-        except UnicodeDecodeError:
-            self.stats.auth_failures += 1
-            return self._challenge(msg, 401, now)
-        password = self.password_for(user, now)
-        if password is None or realm_s != self.s.realm:
-            self.stats.auth_failures += 1
-            return self._challenge(msg, 401, now)
-        key = m.long_term_key(user, realm_s, password)
-        if not msg.check_integrity(key):
-            self.stats.auth_failures += 1
-            return self._challenge(msg, 401, now)
-        return user, key
-
     def _error(self, msg: Message, code: int, reason: str | None = None, unknown: list[int] | None = None,
                key: bytes | None = None) -> bytes:
-        resp = Message(msg.method, m.ERROR, msg.transaction_id, classic=msg.classic)
-        resp.add_error(code, reason)
-        if unknown:
-            resp.add_unknown_attributes(unknown)
-        if self.s.software and not msg.classic:
-            resp.add(m.SOFTWARE, self.s.software.encode())
-        return resp.encode(key=key, fingerprint=not msg.classic)
+        return error_response(msg, code, self.s.software, reason, unknown, key)
+
+    def make_nonce(self, now: float) -> bytes:
+        return self.auth.make_nonce(now)
+
+    def password_for(self, username: str, now: float) -> str | None:
+        return self.auth.password_for(username, now)
 
     def _finish(self, resp: Message, key: bytes) -> bytes:
         if self.s.software:
@@ -448,7 +231,7 @@ class TurnCore:
 
     # -- TURN requests -------------------------------------------------------------------
     def _turn_request(self, msg: Message, transport: ClientTransport, client: Address, now: float) -> list[Out]:
-        auth = self._authenticate(msg, now)
+        auth = self.auth.authenticate(msg, now, self.stats)
         if isinstance(auth, bytes):
             return [(transport, auth, client)]
         user, key = auth
@@ -531,7 +314,7 @@ class TurnCore:
         if self._next_sweep == 0.0:
             self._next_sweep = now + SWEEP_INTERVAL
         resp = Message(m.ALLOCATE, m.SUCCESS, msg.transaction_id)
-        resp.add_xor_address(m.XOR_RELAYED_ADDRESS, self._advertised(alloc.relayed))
+        resp.add_xor_address(m.XOR_RELAYED_ADDRESS, (self.s.advertise.get(alloc.relayed[0], alloc.relayed[0]), alloc.relayed[1]))
         if aaf is not None:
             # Dual allocations are not offered: say so for the extra family, keep the IPv4 one.
             resp.add(m.ADDRESS_ERROR_CODE, struct.pack("!BBBB", m.FAMILY_IPV6, 0, 4, 40) + b"Address Family not Supported")
@@ -578,7 +361,7 @@ class TurnCore:
             return self._error(msg, 400, f"Bad XOR-PEER-ADDRESS: {exc}"[:120], key=key)
         if not peers:
             return self._error(msg, 400, "XOR-PEER-ADDRESS missing", key=key)
-        if any(_family_of(p[0]) != alloc.family for p in peers):
+        if any(family_of(p[0]) != alloc.family for p in peers):
             return self._error(msg, 443, key=key)
         if any(self.peer_forbidden(p, with_port) for p in peers):
             return self._error(msg, 403, key=key)
@@ -630,7 +413,7 @@ class TurnCore:
         except StunError:
             return
         data = msg.get(m.DATA_ATTR)
-        if peer is None or data is None or _family_of(peer[0]) != alloc.family:
+        if peer is None or data is None or family_of(peer[0]) != alloc.family:
             return
         if alloc.perms.get(peer[0], 0.0) < now or self.peer_forbidden(peer):
             return

@@ -11,12 +11,11 @@ removes what a crashed run left behind.
 
 from __future__ import annotations
 
-import os
 import re
 import select
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import addressing as ad

@@ -58,127 +58,104 @@ def _pseudo_sum(addrs: bytes, length: int) -> int:
     return _fold(s)
 
 
-class _Group:
-    __slots__ = ("first", "v6", "hl", "thl", "mss", "seq_next", "parts", "total", "psh",
-                 "closed", "count")
-
-
-def _start(pkt: bytes, v6: bool, hl: int, thl: int, payload: int, seq: int, flags: int) -> _Group:
-    g = _Group()
-    g.first = pkt
-    g.v6 = v6
-    g.hl = hl
-    g.thl = thl
-    g.mss = payload
-    g.seq_next = (seq + payload) & 0xFFFFFFFF
-    g.parts = [pkt]
-    g.total = hl + thl + payload
-    g.psh = flags & TCP_PSH
-    g.closed = bool(g.psh)
-    g.count = 1
-    return g
-
-
-def _emit(g: _Group) -> bytes:
-    first = g.first
-    if g.count == 1:
+def _emit(parts: list, v6: bool, hl: int, thl: int, mss: int, total: int, psh: int) -> bytes:
+    """One buffer for a run: the packet itself, or the merged GSO packet."""
+    first = parts[0]
+    if len(parts) == 1:
         return ZERO_HDR + first
-    hl, thl = g.hl, g.thl
     hdr = bytearray(first[:hl + thl])
-    tcp_len = g.total - hl
-    if g.v6:
+    tcp_len = total - hl
+    if v6:
         hdr[4:6] = _H.pack(tcp_len)
         pseudo = _pseudo_sum(bytes(hdr[8:40]), tcp_len)
         gso_type = VIRTIO_NET_HDR_GSO_TCPV6
     else:
-        hdr[2:4] = _H.pack(g.total)
+        hdr[2:4] = _H.pack(total)
         hdr[10:12] = b"\0\0"
         hdr[10:12] = _H.pack(_ipv4_header_checksum(hdr))
         pseudo = _pseudo_sum(bytes(hdr[12:20]), tcp_len)
         gso_type = VIRTIO_NET_HDR_GSO_TCPV4
-    if g.psh:
+    if psh:
         hdr[hl + 13] |= TCP_PSH
     # Checksum partial: the field holds the pseudo-header sum, the kernel does the rest.
     hdr[hl + 16:hl + 18] = _H.pack(pseudo)
-    vnet = _VNET.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, hl + thl, g.mss, hl, 16)
+    vnet = _VNET.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, hl + thl, mss, hl, 16)
     head = hl + thl
-    return b"".join([vnet, hdr, *(memoryview(p)[head:] for p in g.parts)])
+    return b"".join([vnet, hdr, *[memoryview(p)[head:] for p in parts]])
 
 
-def _tcp_info(pkt: bytes):
-    """(v6, ip header len, tcp header len, payload len, seq, flags, key) or None."""
-    n = len(pkt)
-    if n < 40:
-        return None
-    b0 = pkt[0]
-    if b0 == 0x45:
-        if pkt[9] != 6 or (pkt[6] & 0x3F) or pkt[7] or (pkt[6] & 0x20):
-            return None
-        total = (pkt[2] << 8) | pkt[3]
-        if total != n:
-            return None
-        thl = (pkt[32] >> 4) * 4
-        payload = n - 20 - thl
-        if thl < 20 or payload <= 0:
-            return None
-        flags = pkt[33]
-        if flags & ~(TCP_ACK | TCP_PSH) or not flags & TCP_ACK:
-            return None
-        seq = (pkt[24] << 24) | (pkt[25] << 16) | (pkt[26] << 8) | pkt[27]
-        # Everything that must match between merged segments.
-        key = pkt[1:2] + pkt[8:9] + pkt[12:24] + pkt[28:32] + pkt[40:20 + thl]
-        return False, 20, thl, payload, seq, flags, key
-    if b0 >> 4 == 6:
-        if n < 60 or pkt[6] != 6:
-            return None
-        if 40 + ((pkt[4] << 8) | pkt[5]) != n:
-            return None
-        thl = (pkt[52] >> 4) * 4
-        payload = n - 40 - thl
-        if thl < 20 or payload <= 0:
-            return None
-        flags = pkt[53]
-        if flags & ~(TCP_ACK | TCP_PSH) or not flags & TCP_ACK:
-            return None
-        seq = (pkt[44] << 24) | (pkt[45] << 16) | (pkt[46] << 8) | pkt[47]
-        key = pkt[0:4] + pkt[7:8] + pkt[8:44] + pkt[48:52] + pkt[60:40 + thl]
-        return True, 40, thl, payload, seq, flags, key
-    return None
+_V4TCP = struct.Struct("!BBHHHBB2x8sIIIBB")  # ..., proto, [csum], addrs, ports, seq, ack, doff, flags
+_V6TCP = struct.Struct("!4sHBB32sIIIBB")  # ver/tc/flow, payload len, next header, hop limit, addrs, ...
 
 
 def coalesce(packets: list[bytes]) -> list[bytes]:
     """Buffers to write to a VNET_HDR TUN: merged TCP bursts and single packets."""
     out: list[bytes] = []
-    group: _Group | None = None
-    gkey = None
+    append = out.append
+    v4_unpack = _V4TCP.unpack_from
+    v6_unpack = _V6TCP.unpack_from
+    # The open run, kept in locals (this loop runs once per received packet).
+    g_parts: list | None = None
+    g_key = None
+    g_v6 = False
+    g_hl = g_thl = g_mss = g_next = g_total = g_psh = 0
+    g_open = False
     for pkt in packets:
-        info = _tcp_info(pkt)
-        if info is None:
-            if group is not None:
-                out.append(_emit(group))
-                group = None
-            out.append(ZERO_HDR + pkt)
+        n = len(pkt)
+        key = None
+        if n >= 40:
+            b0 = pkt[0]
+            if b0 == 0x45:
+                _, tos, total, _id, frag, ttl, proto, addrs, ports, seq, ack, doff, flags = \
+                    v4_unpack(pkt, 0)
+                # TCP, not a fragment (DF allowed), plain ACK or ACK+PSH data
+                if proto == 6 and not frag & 0x3FFF and total == n and flags & 0xF7 == 0x10:
+                    thl = (doff >> 4) << 2
+                    payload = n - 20 - thl
+                    if thl >= 20 and payload > 0:
+                        hl = 20
+                        v6 = False
+                        key = (tos, ttl, addrs, ports, ack, pkt[40:20 + thl] if thl > 20 else None)
+            elif b0 >> 4 == 6 and n >= 60:
+                vtf, plen, nxt, hop, addrs, ports, seq, ack, doff, flags = v6_unpack(pkt, 0)
+                if nxt == 6 and plen + 40 == n and flags & 0xF7 == 0x10:
+                    thl = (doff >> 4) << 2
+                    payload = n - 40 - thl
+                    if thl >= 20 and payload > 0:
+                        hl = 40
+                        v6 = True
+                        key = (vtf, hop, addrs, ports, ack, pkt[60:40 + thl] if thl > 20 else None)
+        if key is None:
+            if g_parts is not None:
+                append(_emit(g_parts, g_v6, g_hl, g_thl, g_mss, g_total, g_psh))
+                g_parts = None
+            append(ZERO_HDR + pkt)
             continue
-        v6, hl, thl, payload, seq, flags, key = info
-        if (group is not None and not group.closed and key == gkey and seq == group.seq_next
-                and payload <= group.mss and group.count < MAX_SEGMENTS
-                and group.total + payload <= MAX_IP_TOTAL):
-            group.parts.append(pkt)
-            group.total += payload
-            group.count += 1
-            group.seq_next = (seq + payload) & 0xFFFFFFFF
+        if (g_open and seq == g_next and key == g_key and payload <= g_mss
+                and len(g_parts) < MAX_SEGMENTS and g_total + payload <= MAX_IP_TOTAL):
+            g_parts.append(pkt)
+            g_total += payload
+            g_next = (seq + payload) & 0xFFFFFFFF
             if flags & TCP_PSH:
-                group.psh = TCP_PSH
-                group.closed = True
-            if payload < group.mss:
-                group.closed = True  # a short segment ends a GSO train
+                g_psh = TCP_PSH
+                g_open = False
+            elif payload < g_mss:
+                g_open = False  # a short segment ends a GSO train
             continue
-        if group is not None:
-            out.append(_emit(group))
-        group = _start(pkt, v6, hl, thl, payload, seq, flags)
-        gkey = key
-    if group is not None:
-        out.append(_emit(group))
+        if g_parts is not None:
+            append(_emit(g_parts, g_v6, g_hl, g_thl, g_mss, g_total, g_psh))
+        g_parts = [pkt]
+        g_key = key
+        g_v6 = v6
+        g_hl = hl
+        g_thl = thl
+        g_mss = payload
+        g_next = (seq + payload) & 0xFFFFFFFF
+        g_total = hl + thl + payload
+        g_psh = flags & TCP_PSH
+        g_open = not g_psh
+    if g_parts is not None:
+        append(_emit(g_parts, g_v6, g_hl, g_thl, g_mss, g_total, g_psh))
     return out
 
 

@@ -33,11 +33,17 @@ UNREACHABLE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EAD
 def _tune(sock: socket.socket) -> bool:
     """Non-blocking, big buffers, GRO if the kernel has it. Returns whether GRO is on."""
     sock.setblocking(False)
-    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+    # The *FORCE variants pass net.core.[rw]mem_max (root only); bursts of
+    # GSO/GRO batches overflow the default ~200 KiB buffers and TCP inside the
+    # tunnel then sees losses.
+    for force, opt in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_RCVBUFFORCE, SO_SNDBUFFORCE
         try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
         except OSError:
-            pass
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            except OSError:
+                pass
     try:
         sock.setsockopt(SOL_UDP, UDP_GRO, 1)
         return True
@@ -85,6 +91,7 @@ class UdpSockets:
         self.port = port
         self.gro = {s: _tune(s) for s in (s4, s6) if s is not None}
         self.gso = True
+        self.send_drops = 0  # datagrams dropped because the socket buffer was full
         self._buf = bytearray(RECV_BUFFER)
         self._view = memoryview(self._buf)
         self._anc = socket.CMSG_SPACE(4)
@@ -97,14 +104,23 @@ class UdpSockets:
             s.close()
         self.s4 = self.s6 = None
 
-    def drain(self, sock: socket.socket, max_calls: int, sink: Callable[[bytes, tuple], None]) -> int:
-        """Read what is queued (up to `max_calls` syscalls); each datagram goes to `sink`."""
-        buf, view, anc = self._buf, self._view, self._anc
-        n_total = 0
+    def drain(self, sock: socket.socket, max_calls: int,
+              wireguard: list[tuple[bytes, tuple]], others: list[tuple[bytes, tuple]]) -> None:
+        """Read what is queued (up to `max_calls` syscalls), sorting datagrams by
+        their first bytes: WireGuard (type 1-4, then three zero bytes) into
+        `wireguard`, anything else (STUN, TURN ChannelData, ...) into `others`.
+
+        Each call reads into a fresh buffer, so the datagrams can be handed on as
+        zero-copy memoryviews of it.
+        """
+        anc = self._anc
         v6 = sock.family == socket.AF_INET6
+        recvmsg_into = sock.recvmsg_into
+        wg_append = wireguard.append
         for _ in range(max_calls):
+            buf = bytearray(RECV_BUFFER)
             try:
-                n, ancdata, _flags, addr = sock.recvmsg_into([buf], anc)
+                n, ancdata, _flags, addr = recvmsg_into([buf], anc)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -116,14 +132,14 @@ class UdpSockets:
                 for level, typ, data in ancdata:
                     if level == SOL_UDP and typ == UDP_GRO:
                         seg = _I.unpack(data[:4])[0] if len(data) >= 4 else _H.unpack(data[:2])[0]
-            if seg >= n:
-                sink(bytes(view[:n]), addr)
-                n_total += 1
-            else:
-                for off in range(0, n, seg):
-                    sink(bytes(view[off:off + seg]), addr)
-                    n_total += 1
-        return n_total
+            view = memoryview(buf)
+            for off in range(0, n, seg or n or 1):
+                end = off + seg if off + seg < n else n
+                if end - off >= 4 and 1 <= buf[off] <= 4 and not (
+                        buf[off + 1] or buf[off + 2] or buf[off + 3]):
+                    wg_append((view[off:end], addr))
+                else:
+                    others.append((bytes(view[off:end]), addr))
 
     def send_batch(self, items: list[tuple[bytes, tuple]],
                    on_error: Callable[[tuple, int], None]) -> None:
@@ -165,7 +181,7 @@ class UdpSockets:
                 sock.sendmsg([p for p, _ in items[i:j]],
                              [(SOL_UDP, UDP_SEGMENT, _H.pack(size))], 0, addr)
         except (BlockingIOError, InterruptedError):
-            pass  # socket buffer full: dropped, as a router would
+            self.send_drops += j - i  # socket buffer full: dropped, as a router would
         except OSError as exc:
             if exc.errno == errno.EIO and j - i > 1:
                 # GSO not possible on this path (e.g. no checksum offload): send singly.

@@ -89,6 +89,7 @@ class RendezvousClient:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task | None = None
         self._waiters: dict[str, list[asyncio.Future]] = {}
+        self._candidates: list[dict[str, Any]] | None = None
 
     def __repr__(self) -> str:  # never show the private key
         return f"RendezvousClient({self.url!r}, public_key={self.public_key!r})"
@@ -127,6 +128,37 @@ class RendezvousClient:
             await self.close()
             raise
         self._reader = asyncio.create_task(self._read_loop())
+
+    async def keep_connected(self, token: str | None = None, min_delay: float = 1.0, max_delay: float = 30.0,
+                             connected: asyncio.Event | None = None) -> None:
+        """Stay connected: reconnect with exponential backoff after any drop (server restart,
+        network change) and publish the last candidates again. Returns when the operator
+        removed this node from every network; raises on a refused key or token."""
+        delay = min_delay
+        while True:
+            try:
+                await self.connect(token=token)
+                token = None  # joined; from now on the key alone logs in
+                delay = min_delay
+                if self._candidates is not None:
+                    await self.publish_candidates(self._candidates)
+                if connected is not None:
+                    connected.set()
+                if self._reader is not None:
+                    await asyncio.shield(self._reader)
+                if self.close_code == 4004:
+                    return
+            except RendezvousError as exc:
+                if exc.code in ("auth_failed", "join_refused"):
+                    raise
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+                pass
+            finally:
+                if connected is not None:
+                    connected.clear()
+            await self.close()
+            await asyncio.sleep(delay)
+            delay = min(max_delay, delay * 2)
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -237,6 +269,7 @@ class RendezvousClient:
         return await asyncio.wait_for(fut, timeout)
 
     async def publish_candidates(self, candidates: list[dict[str, Any]]) -> None:
+        self._candidates = list(candidates)  # re-published after a reconnect
         await self.send({"type": "candidates", "candidates": candidates})
 
     async def request_connect(self, network: str, peer_key: str, request_id: Any = None) -> None:

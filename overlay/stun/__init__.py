@@ -1,1 +1,7 @@
-"""STUN/TURN wire codec and sans-I/O client helpers shared by the relay and the agent."""
+"""STUN/TURN for the relay and the agent, without I/O.
+
+message      the wire codec (RFC 8489/8656/5780/3489): Message, parse, ChannelData, stream framing
+client       request builders and answer readers (Binding, Allocate, CreatePermission, ChannelBind, ...)
+credentials  TURN REST time-limited credentials (coturn's use-auth-secret scheme)
+turn_client  TurnAllocation: a sans-I/O TURN client for a socket the caller owns
+"""

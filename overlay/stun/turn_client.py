@@ -259,7 +259,7 @@ class TurnAllocation:
 
     # -- internals ---------------------------------------------------------------------------------
     def _request(self, msg: Message, kind: str, now: float, arg: object = None) -> None:
-        msg.transaction_id = os.urandom(12)
+        _new_transaction_id(msg)
         if self._key:
             sc.add_auth(msg, self.username, self.realm, self.nonce)
         tx = _Tx(msg, kind, arg)
@@ -269,6 +269,19 @@ class TurnAllocation:
         if kind != "close":
             self._txs[msg.transaction_id] = tx
         self._out.append(tx.data)
+
+
+_XOR_ATTRIBUTES = (m.XOR_PEER_ADDRESS, m.XOR_RELAYED_ADDRESS, m.XOR_MAPPED_ADDRESS)
+
+
+def _new_transaction_id(msg: Message) -> None:
+    """Give `msg` a fresh transaction id; IPv6 XOR addresses are masked with it, so re-mask them."""
+    old, new = msg.transaction_id, os.urandom(12)
+    msg.attributes = [
+        (t, m.encode_xor_address(m.decode_xor_address(v, old), new) if t in _XOR_ATTRIBUTES else v)
+        for t, v in msg.attributes
+    ]
+    msg.transaction_id = new
 
 
 def binding_request_bytes() -> tuple[bytes, bytes]:

@@ -1,8 +1,8 @@
-"""Sliding-window replay protection for transport counters (RFC 6479 idea).
+"""Sliding-window replay protection for transport counters (RFC 6479).
 
-The window is a Python int used as a bitmap: bit i set means counter
-`highest - i` was seen. Shifting a few-thousand-bit int is cheap, and a jump
-further than the window simply clears it.
+A ring of 64-bit blocks, as WireGuard does it: advancing the window clears
+whole blocks instead of shifting a long bitmap, so an in-order packet costs a
+few small-integer operations.
 """
 
 from __future__ import annotations
@@ -11,41 +11,53 @@ from .constants import REJECT_AFTER_MESSAGES, REPLAY_WINDOW_BITS
 
 
 class ReplayWindow:
-    __slots__ = ("_highest", "_bitmap", "size", "_mask")
+    __slots__ = ("_highest", "_ring", "_mask", "size")
 
     def __init__(self, size: int = REPLAY_WINDOW_BITS - 64):
-        self.size = size
-        self._mask = (1 << size) - 1
+        blocks = 1
+        while blocks < size // 64 + 1:
+            blocks *= 2
+        if blocks < 2:
+            blocks = 2
+        self.size = size  # counters this far below the highest one are too old
+        self._ring = [0] * blocks
+        self._mask = blocks - 1
         self._highest = -1
-        self._bitmap = 0
 
     def check(self, counter: int) -> bool:
-        """True if `counter` would be accepted; does not record it."""
+        """True if `counter` would be accepted; records nothing."""
         if counter >= REJECT_AFTER_MESSAGES:
             return False
         if counter > self._highest:
             return True
-        diff = self._highest - counter
-        return diff < self.size and not (self._bitmap >> diff) & 1
+        if self._highest - counter >= self.size:
+            return False
+        return not (self._ring[(counter >> 6) & self._mask] >> (counter & 63)) & 1
 
     def accept(self, counter: int) -> bool:
-        """Record `counter` if it is new and inside the window; False if it must be dropped."""
+        """Record `counter` if new and inside the window; False if it must be dropped."""
         if counter >= REJECT_AFTER_MESSAGES:
             return False
+        ring = self._ring
+        mask = self._mask
         highest = self._highest
+        block = counter >> 6
         if counter > highest:
-            shift = counter - highest
-            if shift >= self.size:
-                self._bitmap = 1
+            current = highest >> 6 if highest >= 0 else -1
+            advance = block - current
+            if advance > mask:
+                for i in range(mask + 1):
+                    ring[i] = 0
             else:
-                self._bitmap = ((self._bitmap << shift) | 1) & self._mask
+                for i in range(current + 1, block + 1):
+                    ring[i & mask] = 0
             self._highest = counter
-            return True
-        diff = highest - counter
-        if diff >= self.size:
+        elif highest - counter >= self.size:
             return False
-        bit = 1 << diff
-        if self._bitmap & bit:
+        idx = block & mask
+        bit = 1 << (counter & 63)
+        word = ring[idx]
+        if word & bit:
             return False
-        self._bitmap |= bit
+        ring[idx] = word | bit
         return True

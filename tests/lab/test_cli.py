@@ -96,3 +96,28 @@ def test_cli_session(cli):
     assert "removed 6 namespace(s)" in down
     assert not netns.list_namespaces(cli.prefix)
     assert cli("status", ok=False).returncode == 2
+
+
+def test_demo_gets_every_argument(monkeypatch):
+    import types
+
+    import overlay.lab
+    from overlay.lab import cli as lab_cli
+
+    seen = []
+    fake = types.ModuleType("overlay.lab.demo")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "overlay.lab.demo", fake)
+    monkeypatch.setattr(overlay.lab, "demo", fake, raising=False)
+    assert lab_cli.main(["demo", "--fast", "scenario"]) == 0
+    assert seen == [["--fast", "scenario"]]
+
+
+def test_demo_missing_is_a_clear_message(monkeypatch, capsys):
+    import overlay.lab
+    from overlay.lab import cli as lab_cli
+
+    monkeypatch.delattr(overlay.lab, "demo", raising=False)
+    monkeypatch.setitem(sys.modules, "overlay.lab.demo", None)
+    assert lab_cli.main(["demo"]) == 2
+    assert "the demo is not available" in capsys.readouterr().err

@@ -59,7 +59,7 @@ def punch_lab(module_lab, tmp_path_factory):
         stop_process(server)
 
 
-def _outcome(left: UdpAgent, right: UdpAgent, maps, results, tcp) -> str:
+def _outcome(maps, results, tcp) -> str:
     if maps[0] is None or maps[1] is None:
         return "relay over TCP" if all(tcp) else "unreachable"
     return "direct" if results[0] and results[1] else "relay"
@@ -95,7 +95,7 @@ def test_hole_punch_table(punch_lab):
                 for agent in (a, b):
                     agent.command("tcp", to=[relay.ipv4, STUN_PORT])
                 tcp[k] = tuple(bool((e := agent.wait("tcp", timeout=10)) and e["ok"]) for agent in (a, b))
-        got = {k: _outcome(*agents[k], maps[k], results[k], tcp.get(k, (False, False))) for k in agents}
+        got = {k: _outcome(maps[k], results[k], tcp.get(k, (False, False))) for k in agents}
     finally:
         for pair in agents.values():
             for a in pair:

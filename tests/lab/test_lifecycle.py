@@ -37,6 +37,9 @@ def test_lab_up_and_down_fast_and_clean(lab_factory):
     sleeper = hosts[0].popen(["sleep", "300"])
     names = [ns.name for ns in lab.namespaces()]
     assert len(names) == 12 and all(netns.list_namespaces(n) for n in names)
+    deadline = time.monotonic() + 5  # `ip netns exec` enters the namespace a moment after it starts
+    while sleeper.pid not in lab_processes(lab) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert sleeper.pid in lab_processes(lab)
     start = time.monotonic()
     lab.teardown()

@@ -39,7 +39,8 @@ def free_port(ip: str = "127.0.0.1", pair: bool = False) -> int:
 
 class Relay:
     def __init__(self, data_dir: Path, *, secret: str = "test-secret", alternate: bool = False,
-                 ipv6: bool = True, extra: list[str] | None = None, port: int | None = None) -> None:
+                 ipv6: bool = True, extra: list[str] | None = None, port: int | None = None,
+                 http_port: int = 0) -> None:
         self.data_dir = data_dir
         self.secret = secret
         self.port = port or free_port(pair=alternate)
@@ -48,7 +49,7 @@ class Relay:
         self.ready_file = data_dir / "ready.json"
         self.args = ["serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1",
                      "--port", str(self.port), "--tls-port", str(self.tls_port),
-                     "--http-listen", "127.0.0.1", "--http-port", "0", "--secret", secret,
+                     "--http-listen", "127.0.0.1", "--http-port", str(http_port), "--secret", secret,
                      "--allow-loopback-peers", "--ready-file", str(self.ready_file), "--log-format", "json"]
         if ipv6:
             self.args[5:5] = ["--listen", "::1"]

@@ -293,3 +293,44 @@ async def _get(url: str) -> str:
         async with http.get(url) as resp:
             assert resp.status == 200
             return await resp.text()
+
+
+async def test_keep_connected_survives_a_server_restart(tmp_path):
+    from .relayproc import free_port
+
+    http_port = free_port()
+    r = Relay(tmp_path, ipv6=False, http_port=http_port)
+    r.start()
+    token = r.token("phoenix", "--uses", "2")
+    a, b = RendezvousClient(r.http_url, _key(), "a"), RendezvousClient(r.http_url, _key(), "b")
+    up_a, up_b = asyncio.Event(), asyncio.Event()
+    tasks = [asyncio.create_task(a.keep_connected(token, min_delay=0.2, max_delay=0.5, connected=up_a)),
+             asyncio.create_task(b.keep_connected(token, min_delay=0.2, max_delay=0.5, connected=up_b))]
+    try:
+        await asyncio.wait_for(asyncio.gather(up_a.wait(), up_b.wait()), 10)
+        cands = [{"type": "srflx", "ip": "198.51.100.1", "port": 4242}]
+        await a.publish_candidates(cands)
+        await b.wait_for(lambda e: e["type"] == "peer" and e["peer"]["candidates"] == cands)
+        r.stop()
+        await asyncio.wait_for(b.wait_for(lambda e: e["type"] == "closed"), 10)
+        r2 = Relay(tmp_path, ipv6=False, http_port=http_port)
+        r2.start()
+        try:
+            await asyncio.wait_for(asyncio.gather(up_a.wait(), up_b.wait()), 15)
+
+            def a_back(e):
+                p = b.peers.get("phoenix", {}).get(a.public_key)
+                return p is not None and p.online and p.candidates == cands
+
+            if not a_back({}):
+                await b.wait_for(a_back, 10)
+            assert a.memberships["phoenix"].ipv4 == b.peers["phoenix"][a.public_key].ipv4
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await a.close()
+            await b.close()
+            r2.stop()
+    finally:
+        r.stop()

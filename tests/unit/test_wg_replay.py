@@ -56,3 +56,21 @@ def test_check_does_not_record_and_limit():
     assert w.accept(5)
     assert not w.check(5)
     assert not w.accept(REJECT_AFTER_MESSAGES)
+
+
+def test_matches_reference_model_on_random_sequences():
+    import random
+    rnd = random.Random(7)
+    for size in (64, 2048, 8128):
+        w = ReplayWindow(size=size)
+        seen: set[int] = set()
+        highest = -1
+        counter = 0
+        for _ in range(20000):
+            step = rnd.choice([1, 1, 1, 2, 5, -3, -70, -size, -size + 1, 300, size + 5])
+            counter = max(0, counter + step)
+            expected = counter not in seen and not (highest - counter >= size)
+            assert w.accept(counter) == expected, (size, counter, highest)
+            if expected:
+                seen.add(counter)
+                highest = max(highest, counter)
