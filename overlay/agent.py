@@ -175,7 +175,11 @@ class Agent:
                                     network=str(net))
                         continue
                     desired.add(net)
-            self._routes = await netlink.sync_routes(self._ifindex, desired, self._routes)
+            try:
+                self._routes = await netlink.sync_routes(self._ifindex, desired, self._routes)
+            except netlink.RouteSyncError as exc:
+                self._routes = exc.installed
+                log.error("route sync incomplete", error=str(exc))
 
     def _watch_sockets(self) -> None:
         assert self._udp is not None and self._loop is not None
@@ -263,7 +267,7 @@ class Agent:
                     if data is None:
                         continue
                 else:
-                    data = memoryview(data)[offload.VNET_HDR_LEN:]
+                    data = data[offload.VNET_HDR_LEN:]  # a copy is cheaper than a memoryview here
             packets.append(data)
         if packets:
             out = self.device.tun_packets(packets, time.monotonic())

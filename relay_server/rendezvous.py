@@ -92,6 +92,7 @@ class Session:
     name: str
     ws: web.WebSocketResponse
     memberships: dict[int, Node] = field(default_factory=dict)  # network id -> own node row
+    source: str = "?"
     bad: int = 0
 
     async def send(self, obj: dict[str, Any]) -> None:
@@ -285,7 +286,7 @@ class Rendezvous:
             await self._refuse(ws, "auth_failed", "this key is not a member of any network; join with a token", 4001)
             return None
         old = self.sessions.get(key_text)
-        session = Session(key_text, name, ws, {n.network_id: n for n in memberships})
+        session = Session(key_text, name, ws, {n.network_id: n for n in memberships}, source=ip)
         self.sessions[key_text] = session
         if old is not None:
             await old.ws.close(code=4005, message=b"replaced by a newer login")
@@ -364,8 +365,7 @@ class Rendezvous:
         token = obj.get("token")
         if not isinstance(token, str):
             raise BadRequest("join needs a token")
-        ip = session.ws._req.remote if session.ws._req else "?"  # type: ignore[attr-defined]
-        if not self.limiter.allow(ip or "?", time.monotonic()):
+        if not self.limiter.allow(session.source, time.monotonic()):
             await session.send({"type": "error", "code": "rate_limited", "message": "too many attempts"})
             return
         try:

@@ -131,7 +131,7 @@ class TurnCore:
         if ch is None or ch.until < now:
             return None
         rate = self.s.bandwidth
-        if rate and not self._take_tokens(alloc, length, now, rate):
+        if rate and not self.take_tokens(alloc, length, now, rate):
             return None
         self.stats.pkts_out += 1
         self.stats.bytes_out += length
@@ -143,7 +143,7 @@ class TurnCore:
         if alloc.perms.get(peer[0], 0.0) < now:
             return None
         rate = self.s.bandwidth
-        if rate and not self._take_tokens(alloc, length, now, rate):
+        if rate and not self.take_tokens(alloc, length, now, rate):
             return None
         self.stats.pkts_in += 1
         self.stats.bytes_in += length
@@ -153,7 +153,7 @@ class TurnCore:
         return -1
 
     @staticmethod
-    def _take_tokens(alloc: Allocation, n: int, now: float, rate: int) -> bool:
+    def take_tokens(alloc: Allocation, n: int, now: float, rate: int) -> bool:
         tokens = alloc.tokens + (now - alloc.tb_time) * rate
         if tokens > rate:
             tokens = rate  # burst of one second
@@ -418,7 +418,7 @@ class TurnCore:
         if alloc.perms.get(peer[0], 0.0) < now or self.peer_forbidden(peer):
             return
         rate = self.s.bandwidth
-        if rate and not self._take_tokens(alloc, len(data), now, rate):
+        if rate and not self.take_tokens(alloc, len(data), now, rate):
             return
         self.stats.pkts_out += 1
         self.stats.bytes_out += len(data)

@@ -149,7 +149,7 @@ class UdpListener(ClientTransport):
                     length = (buf[2] << 8) | buf[3]
                     if length + 4 > n:
                         continue
-                    if rate and not core._take_tokens(alloc, length, now, rate):
+                    if rate and not core.take_tokens(alloc, length, now, rate):
                         continue
                     add(ch, alloc.relay, ch.peer, mv[4 : 4 + length])
                     pkts += 1
@@ -201,7 +201,7 @@ class StreamConnection(ClientTransport, asyncio.Protocol):
         pos = 0
         try:
             while True:
-                size = m.stream_frame_length(memoryview(buf)[pos : pos + 4])
+                size = m.stream_frame_length(bytes(buf[pos : pos + 4]))
                 if size is None or pos + size > len(buf):
                     break
                 frame = bytes(buf[pos : pos + size])
@@ -415,7 +415,7 @@ class TurnServer:
                     out.flush()
                     self.dispatch(core.handle_peer(alloc, bytes(payload[:n]), peer, now))
                     continue
-                if rate and not core._take_tokens(alloc, n, now, rate):
+                if rate and not core.take_tokens(alloc, n, now, rate):
                     continue
                 _pack_into("!I", rbuf, 0, ch.header | n)
                 if stream:

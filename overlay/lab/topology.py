@@ -12,124 +12,21 @@ removes what a crashed run left behind.
 from __future__ import annotations
 
 import re
-import select
 import subprocess
-import sys
-from dataclasses import dataclass
 from typing import Any
 
 from . import addressing as ad
 from .faults import Impairment, render_path_faults
-from .natrules import NatBehaviour, RouterAddresses, render_router_rules
-from .netns import Namespace, NetnsError, kill_namespace_processes, sweep
+from .natrules import NatBehaviour, render_router_rules
+from .netns import Namespace, sweep
+from .nodes import Host, LabError, Nat, Relay, ip_batch, link_exists, sysctls
+from .splice import splice, unsplice
+
+__all__ = ["Host", "Lab", "LabError", "Nat", "Relay"]
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,19}$")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
 _RESERVED = {"inet", "relay"}
-
-
-class LabError(RuntimeError):
-    """A lab operation was asked for that cannot be done; nothing was changed."""
-
-
-@dataclass
-class Relay:
-    ns: Namespace
-    ipv4: str = ad.RELAY_V4[0]
-    ipv4_alt: str = ad.RELAY_V4[1]
-    ipv6: str = ad.RELAY_V6[0]
-    ipv6_alt: str = ad.RELAY_V6[1]
-    bridge_port: str = "prelay"
-    name: str = "relay"
-
-    @property
-    def addresses(self) -> tuple[str, ...]:
-        return (self.ipv4, self.ipv4_alt, self.ipv6, self.ipv6_alt)
-
-
-@dataclass
-class Nat:
-    name: str
-    index: int
-    ns: Namespace
-    behaviour: NatBehaviour
-
-    @property
-    def public_ipv4(self) -> str:
-        return ad.nat_public_v4(self.index)
-
-    @property
-    def public_ipv6(self) -> str:
-        return ad.nat_public_v6(self.index)
-
-    @property
-    def public_ip(self) -> str:
-        return self.public_ipv4
-
-    @property
-    def lan_ipv4(self) -> str:
-        return ad.lan_v4_net(self.index)
-
-    @property
-    def lan_ipv6(self) -> str:
-        return ad.lan_v6_net(self.index)
-
-    @property
-    def bridge_port(self) -> str:
-        return f"p{self.index}"
-
-    def addresses(self) -> RouterAddresses:
-        return RouterAddresses(
-            wan_if="wan",
-            lan_if="lan",
-            public_ipv4=self.public_ipv4,
-            public_ipv6=self.public_ipv6,
-            lan_ipv4=self.lan_ipv4,
-            lan_ipv6=self.lan_ipv6,
-            relay_ipv4=ad.RELAY_V4,
-            relay_ipv6=ad.RELAY_V6,
-        )
-
-
-@dataclass
-class Host:
-    name: str
-    index: int
-    ns: Namespace
-    nat: Nat
-    slot: int  # position on its NAT's LAN; picks the addresses
-
-    @property
-    def ipv4(self) -> str:
-        return ad.host_v4(self.nat.index, self.slot)
-
-    @property
-    def ipv6(self) -> str:
-        return ad.host_v6(self.nat.index, self.slot)
-
-    @property
-    def lan_port(self) -> str:
-        """The router-side end of this host's veth (it travels with the host on a move)."""
-        return f"h{self.index}"
-
-    def run(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-        return self.ns.run(*args, **kw)
-
-    def popen(self, args: list[str], **kw: Any) -> subprocess.Popen:
-        return self.ns.popen(args, **kw)
-
-
-def _ip_batch(ns: Namespace | None, commands: list[str]) -> None:
-    """Run several `ip` commands in one process (much faster than one each)."""
-    argv = ["ip", *(["-n", ns.name] if ns else []), "-batch", "-"]
-    proc = subprocess.run(argv, input="\n".join(commands) + "\n", capture_output=True, text=True)
-    if proc.returncode != 0:
-        where = ns.name if ns else "root"
-        raise NetnsError(f"[{where}] ip -batch failed: {(proc.stderr or proc.stdout).strip()}")
-
-
-def _sysctls(ns: Namespace, values: dict[str, str | int]) -> None:
-    ns.run("sysctl", "-qw", *(f"{k}={v}" for k, v in values.items()))
 
 
 # Addresses must be usable at once (no duplicate address detection) and the
@@ -188,8 +85,8 @@ class Lab:
             raise LabError(f"namespace {ns.name} already exists: run `overlay-lab down --prefix {self.prefix}` first")
         ns.create()
         self.internet = ns
-        _sysctls(ns, {**_COMMON_SYSCTLS, **_BRIDGE_SYSCTLS})
-        _ip_batch(ns, ["link add br0 address 02:00:00:00:00:fe type bridge mcast_snooping 0", "link set br0 up"])
+        sysctls(ns, {**_COMMON_SYSCTLS, **_BRIDGE_SYSCTLS})
+        ip_batch(ns, ["link add br0 address 02:00:00:00:00:fe type bridge mcast_snooping 0", "link set br0 up"])
         self._apply_path_faults()
         return ns
 
@@ -213,19 +110,19 @@ class Lab:
         inet = self._ensure_internet()
         ns = self._new_namespace("relay")
         try:
-            _sysctls(ns, _COMMON_SYSCTLS)
+            sysctls(ns, _COMMON_SYSCTLS)
             relay = Relay(ns)
-            _ip_batch(inet, [f"link add {relay.bridge_port} type veth peer name eth0 netns {ns.name}",
+            ip_batch(inet, [f"link add {relay.bridge_port} type veth peer name eth0 netns {ns.name}",
                              f"link set {relay.bridge_port} master br0 up"])
             cmds = [f"addr add {a}/24 dev eth0" for a in ad.RELAY_V4]
             cmds += [f"addr add {a}/64 dev eth0 nodad" for a in ad.RELAY_V6]
             cmds.append("link set eth0 up")
             cmds += [f"route add {n.lan_ipv6} via {n.public_ipv6}" for n in self.nats.values()]
-            _ip_batch(ns, cmds)
+            ip_batch(ns, cmds)
         except Exception:
             ns.delete()
-            if _link_exists(inet, "prelay"):
-                _ip_batch(inet, ["link del prelay"])
+            if link_exists(inet, "prelay"):
+                ip_batch(inet, ["link del prelay"])
             raise
         self.relay = relay
         return relay
@@ -243,16 +140,16 @@ class Lab:
         ns = self._new_namespace(name)
         nat = Nat(name, self._next_nat, ns, behaviour)
         try:
-            _sysctls(ns, {
+            sysctls(ns, {
                 **_COMMON_SYSCTLS, **_BRIDGE_SYSCTLS,
                 "net.ipv4.ip_forward": 1,
                 "net.ipv6.conf.all.forwarding": 1,
                 "net.ipv4.conf.all.rp_filter": 0,
                 "net.ipv4.conf.default.rp_filter": 0,
                 "net.ipv4.conf.all.send_redirects": 0,
-                **_timeout_sysctls(behaviour.udp_timeout),
+                **_timeoutsysctls(behaviour.udp_timeout),
             })
-            _ip_batch(inet, [f"link add {nat.bridge_port} type veth peer name wan netns {ns.name}",
+            ip_batch(inet, [f"link add {nat.bridge_port} type veth peer name wan netns {ns.name}",
                              f"link set {nat.bridge_port} master br0 up"])
             cmds = [
                 f"addr add {nat.public_ipv4}/24 dev wan",
@@ -266,10 +163,10 @@ class Lab:
             ]
             # IPv6 is routed, not translated: every node on the internet needs a route to each LAN.
             cmds += [f"route add {o.lan_ipv6} via {o.public_ipv6}" for o in self.nats.values()]
-            _ip_batch(ns, cmds)
+            ip_batch(ns, cmds)
             ns.nft(render_router_rules(behaviour, nat.addresses()))
             for other in [*(o.ns for o in self.nats.values()), *([self.relay.ns] if self.relay else [])]:
-                _ip_batch(other, [f"route add {nat.lan_ipv6} via {nat.public_ipv6}"])
+                ip_batch(other, [f"route add {nat.lan_ipv6} via {nat.public_ipv6}"])
         except Exception:
             self._remove_nat_links(nat)
             ns.delete()
@@ -279,8 +176,8 @@ class Lab:
         return nat
 
     def _remove_nat_links(self, nat: Nat) -> None:
-        if self.internet and _link_exists(self.internet, nat.bridge_port):
-            _ip_batch(self.internet, [f"link del {nat.bridge_port}"])
+        if self.internet and link_exists(self.internet, nat.bridge_port):
+            ip_batch(self.internet, [f"link del {nat.bridge_port}"])
         for other in [*(o.ns for o in self.nats.values() if o is not nat), *([self.relay.ns] if self.relay else [])]:
             other.run("ip", "-6", "route", "del", nat.lan_ipv6, check=False)
 
@@ -291,10 +188,10 @@ class Lab:
         ns = self._new_namespace(name)
         host = Host(name, self._next_host, ns, nat, self._free_slot(nat))
         try:
-            _sysctls(ns, _COMMON_SYSCTLS)
-            _ip_batch(nat.ns, [f"link add {host.lan_port} type veth peer name eth0 netns {ns.name}",
+            sysctls(ns, _COMMON_SYSCTLS)
+            ip_batch(nat.ns, [f"link add {host.lan_port} type veth peer name eth0 netns {ns.name}",
                                f"link set {host.lan_port} master lan up"])
-            _ip_batch(ns, ["link set eth0 up", *self._host_address_commands(host)])
+            ip_batch(ns, ["link set eth0 up", *self._host_address_commands(host)])
         except Exception:
             ns.delete()
             raise
@@ -357,7 +254,7 @@ class Lab:
         """Change a NAT's behaviour live: new rules, new timeouts, conntrack flushed."""
         nat = self._nat(nat)
         behaviour = nat.behaviour.with_changes(nat_type, **changes)  # validates before touching anything
-        _sysctls(nat.ns, _timeout_sysctls(behaviour.udp_timeout))
+        sysctls(nat.ns, _timeoutsysctls(behaviour.udp_timeout))
         nat.ns.nft(render_router_rules(behaviour, nat.addresses()))
         # Existing flows keep their old translation until conntrack forgets them.
         for family in ("ipv4", "ipv6"):
@@ -461,31 +358,13 @@ class Lab:
         return self.internet, node.bridge_port, "br0"
 
     def _splice(self, node: Nat | Host | Relay, egress: Impairment, ingress: Impairment) -> None:
-        """Put the userspace link emulator between `node` and its bridge (no sch_netem here).
-
-        The emulator gets a namespace of its own (`<prefix>-le-<node>`) holding
-        the node's old bridge port (renamed `le0`) and the far end (`le1`) of a new
-        veth pair whose near end takes the old port's name and place in the
-        bridge, so the fault rules that match on port names keep working.
-        """
+        """Put the userspace link emulator between `node` and its bridge (no sch_netem here)."""
         ns, port, bridge = self._bridge_side(node)
         em = self._new_namespace(f"le-{node.name}")
+        self._splices[node.name] = (0, None)  # from here on, _unsplice can undo a partial splice
         try:
-            _sysctls(em, {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1})
-            _ip_batch(ns, [f"link set {port} nomaster", f"link set {port} down", f"link set {port} netns {em.name}",
-                           f"link add {port} type veth peer name le1 netns {em.name}",
-                           f"link set {port} master {bridge} up"])
-            _ip_batch(em, [f"link set dev {port} name le0", "link set dev le0 up promisc on", "link set dev le1 up promisc on"])
-            proc = em.popen([sys.executable, "-m", "overlay.lab.linkem", "le0", "le1",
-                             "--egress", _profile(egress), "--ingress", _profile(ingress)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            assert proc.stdout is not None
-            ready, _, _ = select.select([proc.stdout], [], [], 10)
-            if not ready or proc.stdout.readline().strip() != "ready":
-                raise LabError(f"the link emulator for {node.name} did not start")
-            proc.stdout.close()
+            proc = splice(ns, em, port, bridge, egress, ingress)
         except Exception:
-            self._splices[node.name] = (0, None)
             self._unsplice(node)
             raise
         self._splices[node.name] = (proc.pid, proc)
@@ -495,18 +374,7 @@ class Lab:
             return
         _, proc = self._splices.pop(node.name)
         ns, port, bridge = self._bridge_side(node)
-        em = Namespace(self.ns_name(f"le-{node.name}"))
-        if em.exists:
-            kill_namespace_processes(em.name)
-            if proc is not None:
-                proc.wait(5)
-            # The node's own veth end must leave before the namespace goes, or it dies with it.
-            if _link_exists(em, "le0"):
-                if _link_exists(ns, port):
-                    _ip_batch(ns, [f"link del {port}"])
-                _ip_batch(em, ["link set dev le0 down", f"link set dev le0 name {port}", f"link set dev {port} netns {ns.name}"])
-                _ip_batch(ns, [f"link set {port} master {bridge} up"])
-            em.delete()
+        unsplice(ns, Namespace(self.ns_name(f"le-{node.name}")), port, bridge, proc)
 
     # -- mobility ------------------------------------------------------------
 
@@ -519,10 +387,10 @@ class Lab:
         old = host.nat
         self._unsplice(host)  # the emulator runs in the old router; it is set up again below
         # The router-side end of the veth moves; the host keeps its eth0 (and its sockets).
-        _ip_batch(old.ns, [f"link set {host.lan_port} netns {nat.ns.name}"])
-        _ip_batch(nat.ns, [f"link set {host.lan_port} master lan up"])
+        ip_batch(old.ns, [f"link set {host.lan_port} netns {nat.ns.name}"])
+        ip_batch(nat.ns, [f"link set {host.lan_port} master lan up"])
         host.nat, host.slot = nat, slot
-        _ip_batch(host.ns, ["addr flush dev eth0 scope global", *self._host_address_commands(host)])
+        ip_batch(host.ns, ["addr flush dev eth0 scope global", *self._host_address_commands(host)])
         if host.name in self._impairments:  # moving a link between namespaces drops its qdiscs
             self._apply_impairment(host, *self._impairments[host.name])
         return host
@@ -531,7 +399,7 @@ class Lab:
         """Give a host a new address on its current LAN (a DHCP renumbering)."""
         host = self._host(host)
         host.slot = self._free_slot(host.nat, avoid=host.slot)
-        _ip_batch(host.ns, ["addr flush dev eth0 scope global", *self._host_address_commands(host)])
+        ip_batch(host.ns, ["addr flush dev eth0 scope global", *self._host_address_commands(host)])
         return host
 
     # -- teardown ------------------------------------------------------------
@@ -609,17 +477,9 @@ def _behaviour_dict(b: NatBehaviour) -> dict[str, Any]:
             "udp_timeout": b.udp_timeout, "udp_blocked": b.udp_blocked, "ipv6": b.ipv6}
 
 
-def _timeout_sysctls(seconds: int) -> dict[str, int]:
+def _timeoutsysctls(seconds: int) -> dict[str, int]:
     # Both: a flow that has seen replies moves to the "stream" timeout.
     return {
         "net.netfilter.nf_conntrack_udp_timeout": seconds,
         "net.netfilter.nf_conntrack_udp_timeout_stream": seconds,
     }
-
-
-def _profile(imp: Impairment) -> str:
-    return f"{imp.loss},{imp.delay_ms},{imp.jitter_ms}"
-
-
-def _link_exists(ns: Namespace, dev: str) -> bool:
-    return ns.run("ip", "link", "show", "dev", dev, check=False).returncode == 0

@@ -1,0 +1,2 @@
+"""I/O shells for the agent: TUN device, UDP sockets (GSO/GRO), virtio-net
+offload helpers and rtnetlink configuration."""

@@ -8,6 +8,9 @@ from pyroute2 import AsyncIPRoute
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Packets the kernel may queue for us while Python is busy with a burst; the
+# default 500 overflows under bulk TCP and shows up as retransmissions.
+TXQUEUELEN = 2000
 
 
 async def link_index(ipr: AsyncIPRoute, ifname: str) -> int:
@@ -21,7 +24,7 @@ async def configure_link(ifname: str, addresses: list[IPInterface], mtu: int) ->
     """Addresses, MTU and link up; returns the interface index."""
     async with AsyncIPRoute() as ipr:
         idx = await link_index(ipr, ifname)
-        await ipr.link("set", index=idx, mtu=mtu)
+        await ipr.link("set", index=idx, mtu=mtu, txqlen=TXQUEUELEN)
         for addr in addresses:
             # No duplicate address detection on a point-to-point tunnel (IFA_F_NODAD).
             kw = {"flags": 0x02} if addr.version == 6 else {}
@@ -31,9 +34,18 @@ async def configure_link(ifname: str, addresses: list[IPInterface], mtu: int) ->
         return idx
 
 
+class RouteSyncError(OSError):
+    """Some routes could not be added; `installed` is what is in place now."""
+
+    def __init__(self, installed: set, failures: list[str]):
+        super().__init__("cannot add routes: " + "; ".join(failures))
+        self.installed = installed
+
+
 async def sync_routes(ifindex: int, desired: set[IPNetwork], installed: set[IPNetwork]) -> set[IPNetwork]:
     """Make the routes through `ifindex` match `desired`; returns what is installed now."""
     now_installed = set(installed)
+    failures: list[str] = []
     async with AsyncIPRoute() as ipr:
         for net in sorted(installed - desired, key=str):
             try:
@@ -42,6 +54,12 @@ async def sync_routes(ifindex: int, desired: set[IPNetwork], installed: set[IPNe
                 pass
             now_installed.discard(net)
         for net in sorted(desired - installed, key=str):
-            await ipr.route("replace", dst=str(net), oif=ifindex)
+            try:
+                await ipr.route("replace", dst=str(net), oif=ifindex)
+            except Exception as exc:  # e.g. IPv6 disabled on the link: keep the others
+                failures.append(f"{net}: {exc}")
+                continue
             now_installed.add(net)
+    if failures:
+        raise RouteSyncError(now_installed, failures)
     return now_installed

@@ -29,8 +29,6 @@ MAX_SEGMENTS = 64
 MAX_IP_TOTAL = 65535
 
 _VNET = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
-_V4 = struct.Struct("!BBHHHBBH4s4sHHII")  # IPv4 header (no options) + TCP ports/seq/ack
-_V6 = struct.Struct("!IHBB16s16sHHII")  # IPv6 header + TCP ports/seq/ack
 _H = struct.Struct("!H")
 _10H = struct.Struct("!10H")
 

@@ -9,6 +9,7 @@ Nothing here raises on bad input from the network: junk is dropped and counted.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import struct
 import time
@@ -42,6 +43,7 @@ from .endpoints import Endpoint, normalize
 from .keypair import Keypair
 from .messages import INITIATION_MAC1_OFFSET, RESPONSE_MAC1_OFFSET
 from .peer import Peer
+from .ratelimit import SourceRateLimiter
 
 Datagrams = list[tuple[bytes, Endpoint]]
 
@@ -99,6 +101,8 @@ class Device:
         self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
         self._cookies = CookieChecker(self._public_key, rng, now)
         self._handshake_times: deque[float] = deque()
+        # Under load, handshake messages are also limited per source address.
+        self.source_limiter = SourceRateLimiter()
         self.dropped = 0  # datagrams/packets dropped as invalid, for diagnostics
 
     def __repr__(self) -> str:
@@ -157,8 +161,10 @@ class Device:
         norm_endpoints = [normalize(e) for e in endpoints] if endpoints is not None else None
         nets: list[IPNetwork] | None = None
         if allowed_ips is not None:
-            import ipaddress
-            nets = [ipaddress.ip_network(n, strict=False) for n in allowed_ips]
+            try:
+                nets = [ipaddress.ip_network(n, strict=False) for n in allowed_ips]
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"bad allowed IP: {exc}") from None
 
         peer = self.peers.get(public_key)
         if peer is None:
@@ -196,8 +202,7 @@ class Device:
         if peer is None:
             return
         for net in peer.allowed_ips:
-            if self.allowed_ips.remove(net) not in (peer, None):
-                pass
+            self.allowed_ips.remove(net)
         self._drop_sessions(peer)
 
     def remove_all_peers(self, now: float) -> None:
@@ -281,6 +286,9 @@ class Device:
             return
         data = bytes(data)
         under_load = self._is_under_load(now)
+        if under_load and not self.source_limiter.allow(src, now):
+            self.dropped += 1
+            return
         # A byte-identical copy of the initiation we answered last: with happy
         # eyeballs the initiator sends one initiation to several of our
         # addresses. Each copy is answered on its own path, with the SAME
@@ -358,6 +366,9 @@ class Device:
             return
         data = bytes(data)
         under_load = self._is_under_load(now)
+        if under_load and not self.source_limiter.allow(src, now):
+            self.dropped += 1
+            return
         receiver = _U32.unpack_from(data, 8)[0]
         peer = self._indices.get(receiver)
         if not isinstance(peer, Peer) or peer.handshake is None \
@@ -615,6 +626,8 @@ class Device:
                         last_src_ep = src
                     if kp is peer.next:
                         self._confirm_next(peer, now)
+                        if peer.staged:  # packets that waited for a session
+                            out.extend(self._send_staged(peer, now))
                     received[peer] = kp
                     if not plain:
                         continue  # keepalive

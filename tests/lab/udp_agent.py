@@ -4,7 +4,7 @@ Run as a script in a namespace it binds one UDP socket, reports every datagram
 it receives as a JSON line on stdout and takes JSON commands on stdin:
 
     {"cmd": "send", "to": [ip, port], "data": "text"}
-    {"cmd": "stun", "server": [ip, port]}       -> {"event": "mapped", "addr": [ip, port] | null}
+    {"cmd": "stun", "server": [ip, port], "id": n}  -> {"event": "mapped", "addr": [ip, port] | null, "id": n}
     {"cmd": "punch", "to": [ip, port], "duration": 3}
         both sides send "ping"s to each other's public mapping at once; each
         answers every ping with a "pong" to the source it actually sees and
@@ -97,7 +97,7 @@ def _serve(bind: str, port: int) -> None:
                 data, src = b"", None
             src = src and (src[0], src[1])
             if src and stun and (mapped := stun_mapped_address(data, stun["txid"])):
-                _emit({"event": "mapped", "addr": list(mapped)})
+                _emit({"event": "mapped", "addr": list(mapped), "id": stun["id"]})
                 stun = None
             elif src and punch and data.startswith(b"ping"):
                 punch["pings_from"].add(src)
@@ -121,7 +121,8 @@ def _serve(bind: str, port: int) -> None:
                 if kind == "send":
                     _send(sock, cmd["data"].encode(), _addr(cmd["to"]))
                 elif kind == "stun":
-                    stun = {"txid": os.urandom(12), "server": _addr(cmd["server"]), "tries": 0, "next": now}
+                    stun = {"txid": os.urandom(12), "server": _addr(cmd["server"]), "tries": 0, "next": now,
+                            "id": cmd.get("id")}
                 elif kind == "punch":
                     punch = {"targets": {_addr(cmd["to"])}, "end": now + float(cmd.get("duration", 3)),
                              "next": now, "pings_from": set(), "pongs_from": set(),
@@ -129,8 +130,8 @@ def _serve(bind: str, port: int) -> None:
                 elif kind == "tcp":
                     _emit(_tcp_check(_addr(cmd["to"])))
         if stun and now >= stun["next"]:
-            if stun["tries"] >= 6:
-                _emit({"event": "mapped", "addr": None})
+            if stun["tries"] >= 10:  # 3 s: generous on a loaded machine
+                _emit({"event": "mapped", "addr": None, "id": stun["id"]})
                 stun = None
             else:
                 _send(sock, stun_request(stun["txid"]), stun["server"])
@@ -171,6 +172,7 @@ class UdpAgent:
                              stdout=subprocess.PIPE, text=True, bufsize=1)
         self._events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.history: list[dict[str, Any]] = []
+        self._stun_id = 0
         threading.Thread(target=self._read, daemon=True).start()
         ready = self.wait("ready", timeout=15)
         if ready is None:
@@ -211,8 +213,9 @@ class UdpAgent:
         return self.wait("recv", timeout=timeout, data=data)
 
     def stun(self, server: tuple[str, int], timeout: float = 5) -> tuple[str, int] | None:
-        self.command("stun", server=list(server))
-        e = self.wait("mapped", timeout=timeout)
+        self._stun_id += 1  # a late answer to an earlier query must not count for this one
+        self.command("stun", server=list(server), id=self._stun_id)
+        e = self.wait("mapped", timeout=timeout, id=self._stun_id)
         return tuple(e["addr"]) if e and e["addr"] else None  # type: ignore[return-value]
 
     def close(self) -> None:

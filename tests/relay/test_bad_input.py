@@ -104,3 +104,30 @@ def _split(stream: bytes) -> list[bytes]:
         out.append(stream[pos : pos + size])
         pos += size
     return out
+
+
+def test_tcp_random_streams_never_take_the_server_down(relay):
+    rnd = random.Random(3)
+    for i in range(30):
+        with socket.socket(socket.AF_INET6 if i % 2 else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(2)
+            s.connect(("::1" if i % 2 else "127.0.0.1", relay.port))
+            blob = bytes(rnd.getrandbits(8) for _ in range(rnd.randint(1, 3000)))
+            if i % 3 == 0:
+                blob = b"\x00\x03\xff\xfc" + m.MAGIC_COOKIE_BYTES + blob  # Allocate claiming 65532 bytes
+            try:
+                s.sendall(blob)
+            except OSError:
+                pass  # the server may already have hung up on garbage
+    with socket.create_connection(("::1", relay.port), timeout=3) as s:
+        req = sc.binding_request()
+        s.sendall(req.encode())
+        reply = m.parse(s.recv(2048))
+        assert reply.transaction_id == req.transaction_id and sc.mapped_address(reply)[0] == "::1"
+    assert _binding_works(relay.port)
+
+
+def test_no_internal_errors_were_logged(relay):
+    """Runs last in this module: garbage must be handled, not end in an exception the loop logs."""
+    errors = [line for line in relay.log_path.read_text().splitlines() if '"level": "error"' in line]
+    assert not errors, errors[:3]

@@ -87,3 +87,16 @@ def test_token_create_list_revoke_offline(tmp_path):
     assert bad.returncode == 2 and "bad duration" in bad.stderr
     bad = _relay("node", "remove", "--network", "lab", "ghost", "--data-dir", str(tmp_path))
     assert bad.returncode == 2 and "no node 'ghost'" in bad.stderr
+
+
+def test_documented_example_config_is_valid(tmp_path):
+    from relay_server import config
+
+    doc = config.__doc__
+    example = doc.split("Example file:", 1)[1]
+    text = "\n".join(line[4:] for line in example.splitlines() if line.startswith("    ") or not line.strip())
+    path = tmp_path / "example.toml"
+    path.write_text(text)
+    cfg = config.load(str(path))
+    assert cfg.turn.listen == ["203.0.113.10", "2001:db8::10"] and cfg.turn.alternate_port == 3479
+    assert cfg.rendezvous.turn_urls and cfg.log_format == "json"

@@ -334,3 +334,20 @@ async def test_keep_connected_survives_a_server_restart(tmp_path):
             r2.stop()
     finally:
         r.stop()
+
+
+async def test_join_a_second_network_while_connected(relay):
+    a = await _client(relay, relay.token("multi-1"), "a")
+    b = await _client(relay, relay.token("multi-2"), "b")
+    try:
+        mship = await a.join(relay.token("multi-2"))
+        assert mship.network == "multi-2" and set(a.memberships) == {"multi-1", "multi-2"}
+        assert ipaddress.ip_address(mship.ipv4) in ipaddress.ip_network(b.memberships["multi-2"].ipv4_prefix)
+        await b.wait_for(lambda e: e["type"] == "peer" and e["peer"]["public_key"] == a.public_key)
+        assert a.peers["multi-2"][b.public_key].online
+        with pytest.raises(RendezvousError) as e:
+            await a.join("0000.bogus")
+        assert e.value.code == "join_refused"
+    finally:
+        await a.close()
+        await b.close()

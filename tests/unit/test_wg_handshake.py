@@ -228,3 +228,27 @@ def test_set_peer_validation_is_all_or_nothing():
     assert pa.configured_endpoints == [B1] and net("10.7.0.0/16") not in pa.allowed_ips
     with pytest.raises(ValueError):
         a.set_peer(a.public_key, 0)
+
+
+def test_flood_from_one_source_is_rate_limited_under_load():
+    a, b, n = pair()
+    b.under_load_threshold = 0
+    init = a.tun_packets([ip4("10.0.0.1", "10.0.0.2")], 1.0)[0][0]
+    flooder = ("198.51.100.66", 5555)
+    replies = [b.datagrams([(init, flooder)], 1.0 + i * 0.001)[1] for i in range(50)]
+    answered = sum(1 for r in replies if r)
+    assert answered == 5  # the burst, then nothing within the same 50 ms
+    # another source is not affected
+    _, r = b.datagrams([(init, A1)], 1.06)
+    assert [m[0] for m, _ in r] == [MSG_COOKIE_REPLY]
+    # and the flooder gets tokens back over time
+    _, r = b.datagrams([(init, flooder)], 2.0)
+    assert r
+
+
+def test_responder_flushes_waiting_packets_once_session_confirmed():
+    a, b, n = pair()
+    # b has a packet for a but no endpoint: it waits
+    assert b.tun_packets([ip4("10.0.0.2", "10.0.0.1")], 0.5) == []
+    handshake(a, b, n, now=1.0)  # a initiates; its first data confirms b's keys
+    assert n.tun[a] == [ip4("10.0.0.2", "10.0.0.1")]
