@@ -120,7 +120,7 @@ class RelayApp:
         )
         core = TurnCore(settings, ports=None)  # type: ignore[arg-type]
         core.on_log = lambda event, level="debug", **kw: self.log(event, level=level, **kw)
-        self.turn = server = TurnServer(core, relay, fd_limit=nofile)
+        self.turn = server = TurnServer(core, relay, fd_limit=nofile, gro=t.gro)
 
         # STUN/TURN listeners. Port 0 picks one free port on the first UDP socket and reuses it everywhere.
         port = t.port

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow relaying to loopback and the server's own addresses (tests only)")
     s.add_argument("--max-allocations-per-user", type=int)
     s.add_argument("--bandwidth", type=int, help="bytes/s per allocation (0 = unlimited)")
+    s.add_argument("--no-gro", dest="gro", action="store_false", default=None,
+                   help="do not enable UDP GRO on the STUN/TURN UDP sockets")
     s.add_argument("--http-listen", help="rendezvous HTTP listen IP")
     s.add_argument("--http-port", type=int, help="rendezvous HTTP port (default 8080, 0 = ephemeral)")
     s.add_argument("--turn-url", action="append", help="TURN URL handed to members (repeatable; bring your own TURN)")
@@ -130,7 +132,7 @@ def load_config(args: argparse.Namespace) -> RelayConfig:
         "relay_ipv4": (t, "relay_ipv4"), "relay_ipv6": (t, "relay_ipv6"), "realm": (t, "realm"),
         "secret": (t, "secret"), "tls_cert": (t, "tls_cert"), "tls_key": (t, "tls_key"),
         "allow_loopback_peers": (t, "allow_loopback_peers"), "max_allocations_per_user": (t, "max_allocations_per_user"),
-        "bandwidth": (t, "bandwidth"), "http_listen": (r, "listen"), "http_port": (r, "port"),
+        "bandwidth": (t, "bandwidth"), "gro": (t, "gro"), "http_listen": (r, "listen"), "http_port": (r, "port"),
         "credential_ttl": (r, "credential_ttl"), "rate_per_minute": (r, "rate_per_minute"),
         "rate_burst": (r, "rate_burst"), "log_format": (cfg, "log_format"), "log_level": (cfg, "log_level"),
         "listen": (t, "listen"), "alternate_listen": (t, "alternate_listen"), "turn_url": (r, "turn_urls"),

@@ -23,6 +23,7 @@ an integer 0-65535`. Example file:
     allow_loopback_peers = false
     max_allocations_per_user = 100
     bandwidth = 0                  # bytes/s per allocation, 0 = unlimited
+    gro = true                     # UDP GRO on the STUN/TURN UDP sockets
 
     [rendezvous]
     listen = "0.0.0.0"
@@ -63,6 +64,7 @@ class TurnSection:
     allow_loopback_peers: bool = False
     max_allocations_per_user: int = 100
     bandwidth: int = 0
+    gro: bool = True  # UDP GRO on the listeners (clients sending with GSO cost one receive per run)
     default_lifetime: int = 600
     max_lifetime: int = 3600
 

@@ -1,12 +1,14 @@
 """Asyncio shell around `TurnCore`: UDP, TCP and TLS listeners and relayed UDP sockets.
 
 The relay hot path (ChannelData client -> peer and peer -> client) lives here
-because it is pure I/O: each readable socket is drained in a loop with
-`recvfrom_into` into one preallocated buffer, the core is asked only "where to"
-(`channel_target` / `peer_target`), and the payload leaves as a memoryview of
-that buffer. The ChannelData header for the peer -> client direction is written
-into 4 bytes of headroom kept in front of the payload, so nothing is copied or
-allocated per packet. Everything else goes through `TurnCore.handle_client`.
+because it is pure I/O. Each readable socket is drained in a loop into one
+preallocated buffer (`recvfrom_into`, or `recvmsg_into` with UDP GRO so a client
+sending with GSO costs one receive per run of frames); the per-packet checks are
+the core's `channel_target` / `peer_target` rules, inlined; consecutive datagrams
+for one destination leave together in one UDP GSO `sendmsg` (`Coalescer`). The
+ChannelData header for the peer -> client direction is written into 4 bytes of
+headroom in front of the received payload. Everything else (STUN/TURN requests,
+indications, Data indications) goes through `TurnCore.handle_client/handle_peer`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ MAX_STREAM_BUFFER = 256 * 1024
 # relayed sockets are refused (508) before the process runs out of descriptors.
 FD_RESERVE = 8
 UDP_SEGMENT = 103  # SOL_UDP option: send one buffer as several equal-sized datagrams (GSO)
+UDP_GRO = 104  # SOL_UDP option: receive a run of datagrams of one flow as one buffer + segment size
+GRO_ANCILLARY = socket.CMSG_SPACE(4)
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 _pack_into = struct.pack_into
@@ -99,14 +103,19 @@ class Coalescer:
 
 
 class UdpListener(ClientTransport):
-    __slots__ = ("sock", "shell", "v6")
+    """A STUN/TURN UDP socket. With UDP GRO on, a client that sends with GSO (the overlay
+    agent does) hands over a whole run of ChannelData frames per receive call; the
+    frames are then walked inside the buffer, one `segment` apart."""
 
-    def __init__(self, sock: socket.socket, shell: "TurnServer") -> None:
+    __slots__ = ("sock", "shell", "v6", "gro")
+
+    def __init__(self, sock: socket.socket, shell: "TurnServer", gro: bool = False) -> None:
         local = sock.getsockname()[:2]
         super().__init__(local, stream=False, name="udp")
         self.sock = sock
         self.shell = shell
         self.v6 = sock.family == socket.AF_INET6
+        self.gro = gro
 
     def send(self, data: bytes, addr: Address) -> None:
         try:
@@ -120,8 +129,10 @@ class UdpListener(ClientTransport):
         core = shell.core
         buf = shell.buf
         mv = shell.mv
+        bufs = shell.bufs
         allocs = self.allocs
         v6 = self.v6
+        gro = self.gro
         rate = core.s.bandwidth
         out = shell.to_peers
         add = out.add
@@ -130,33 +141,42 @@ class UdpListener(ClientTransport):
         try:
             for _ in range(BATCH):
                 try:
-                    n, addr = sock.recvfrom_into(buf)
+                    if gro:
+                        n, anc, _flags, addr = sock.recvmsg_into(bufs, GRO_ANCILLARY)
+                        seg = int.from_bytes(anc[0][2][:4], "little") if anc else n
+                    else:
+                        n, addr = sock.recvfrom_into(buf)
+                        seg = n
                 except (BlockingIOError, InterruptedError):
                     return
                 except OSError:
                     continue  # e.g. ICMP port unreachable reported on the socket
                 if v6:
                     addr = addr[:2]
-                b0 = buf[0]
-                if 0x40 <= b0 <= 0x7F and n >= 4:
-                    # ChannelData: the relay hot path, checked inline (see TurnCore.channel_target).
-                    alloc = allocs.get(addr)
-                    if alloc is None:
-                        continue
-                    ch = alloc.channels.get((b0 << 8) | buf[1])
-                    if ch is None or ch.until < now:
-                        continue
-                    length = (buf[2] << 8) | buf[3]
-                    if length + 4 > n:
-                        continue
-                    if rate and not core.take_tokens(alloc, length, now, rate):
-                        continue
-                    add(ch, alloc.relay, ch.peer, mv[4 : 4 + length])
-                    pkts += 1
-                    nbytes += length
-                    continue
-                out.flush()  # keep order with whatever the slow path sends
-                shell.slow_path(bytes(mv[:n]), self, addr, now)
+                if seg <= 0:
+                    seg = n
+                off = 0
+                while off < n:  # one pass without GRO; one per coalesced datagram with it
+                    end = off + seg
+                    if end > n:
+                        end = n
+                    b0 = buf[off]
+                    if 0x40 <= b0 <= 0x7F and end - off >= 4:
+                        # ChannelData: the relay hot path, checked inline (see TurnCore.channel_target).
+                        alloc = allocs.get(addr)
+                        if alloc is not None:
+                            ch = alloc.channels.get((b0 << 8) | buf[off + 1])
+                            if ch is not None and ch.until >= now:
+                                length = (buf[off + 2] << 8) | buf[off + 3]
+                                if length + 4 <= end - off and (
+                                        not rate or core.take_tokens(alloc, length, now, rate)):
+                                    add(ch, alloc.relay, ch.peer, mv[off + 4 : off + 4 + length])
+                                    pkts += 1
+                                    nbytes += length
+                    else:
+                        out.flush()  # keep order with whatever the slow path sends
+                        shell.slow_path(bytes(mv[off:end]), self, addr, now)
+                    off = end
         finally:
             out.flush()
             if pkts:
@@ -225,13 +245,15 @@ class RelayAddresses:
 class TurnServer:
     """Owns the sockets; implements the core's `RelayPorts`."""
 
-    def __init__(self, core: TurnCore, relay: RelayAddresses, fd_limit: int = 1 << 30) -> None:
+    def __init__(self, core: TurnCore, relay: RelayAddresses, fd_limit: int = 1 << 30, gro: bool = True) -> None:
         self.core = core
         self.fd_limit = fd_limit
+        self.gro = gro
         self.relay_ips = relay
         self.loop = asyncio.get_running_loop()
         self.buf = bytearray(BUF_SIZE)
         self.mv = memoryview(self.buf)
+        self.bufs = [self.buf]
         # Peer -> client buffer: 4 bytes of headroom for the ChannelData header.
         self.rbuf = bytearray(BUF_SIZE)
         self.rmv = memoryview(self.rbuf)
@@ -258,7 +280,14 @@ class TurnServer:
         except OSError:
             sock.close()
             raise
-        listener = UdpListener(sock, self)
+        gro = False
+        if self.gro:
+            try:
+                sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+                gro = True
+            except OSError:
+                pass  # older kernel: one datagram per receive
+        listener = UdpListener(sock, self, gro)
         self.udp[listener.local] = listener
         self.loop.add_reader(sock.fileno(), listener.readable)
         return listener.local

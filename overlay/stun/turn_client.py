@@ -157,6 +157,11 @@ class TurnAllocation:
             return m.encode_channel_data(number, payload)
         return sc.send_indication(peer, payload).encode(fingerprint=False)
 
+    def channel_bound(self, peer: Address) -> bool:
+        """True once the server confirmed a channel to `peer` (data then costs 4 bytes)."""
+        number = self.channels.get((peer[0], peer[1]))
+        return number is not None and number in self._channel_ok
+
     @property
     def relayed_family(self) -> int:
         return _family_of(self.relayed[0]) if self.relayed else self.family

@@ -27,7 +27,7 @@ class StreamFramer:
         pos = 0
         while True:
             try:
-                size = m.stream_frame_length(memoryview(self._buf)[pos : pos + 4])
+                size = m.stream_frame_length(self._buf[pos : pos + 4])
             except StunError as exc:
                 # Nothing after an unrecognised byte can be trusted to start a frame.
                 self.error = f"TURN stream out of sync at byte {pos}: {exc}"

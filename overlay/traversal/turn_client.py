@@ -198,7 +198,7 @@ class TurnClient:
 
     def handle_timers(self, now: float) -> None:
         for tid, tx in list(self._txs.items()):
-            if now < tx.next_send:
+            if now < tx.next_send or tid not in self._txs:  # a failure may have cleared the table
                 continue
             if self.stream or now >= tx.first_sent + GIVE_UP_AFTER:
                 del self._txs[tid]
@@ -277,6 +277,14 @@ class TurnClient:
         sent before the returned frame (flush `datagrams_to_send()` first), so the server
         has the permission when the data arrives. None when not ready or family differs.
         """
+        chan = self._channels.get(peer)  # type: ignore[arg-type]
+        if chan is not None and chan.bound and self.state == READY:
+            # Hot path (every tunnel packet through the relay): no address parsing.
+            chan.used = True
+            perm = self._perms.get(chan.peer[0])
+            if perm is not None:
+                perm.used = True
+            return m.encode_channel_data(chan.number, payload, pad=self.stream)
         peer = normalize(peer)
         if self.state != READY or family_of(peer[0]) != self._relayed_family():
             return None
@@ -341,8 +349,14 @@ class TurnClient:
             # replayed answer from elsewhere must not change the allocation.
             if tx.signed and not (self._key and msg.check_integrity(self._key)):
                 return
+            try:  # read every field first: a defective answer must not consume the transaction
+                relayed = msg.xor_address(m.XOR_RELAYED_ADDRESS)
+                mapped = msg.xor_address(m.XOR_MAPPED_ADDRESS)
+                lifetime = msg.u32(m.LIFETIME)
+            except StunError:
+                return
             del self._txs[tx.tid]
-            self._on_success(tx, msg, now)
+            self._on_success(tx, relayed, mapped, lifetime, now)
             return
         code, reason = msg.error_code() or (0, "error response without ERROR-CODE")
         if code in (401, 438):
@@ -365,18 +379,18 @@ class TurnClient:
             alternate = None
         self._on_error(tx, code, reason, now, alternate)
 
-    def _on_success(self, tx: _Tx, msg: Message, now: float) -> None:
+    def _on_success(self, tx: _Tx, relayed: Address | None, mapped: Address | None, lifetime: int | None,
+                    now: float) -> None:
         if tx.kind == "allocate" and self.state == ALLOCATING:
-            relayed = msg.xor_address(m.XOR_RELAYED_ADDRESS)
             if relayed is None:
                 self._fail(0, "Allocate success without XOR-RELAYED-ADDRESS", False)
                 return
             self.relayed_address = relayed
-            self.mapped_address = msg.xor_address(m.XOR_MAPPED_ADDRESS)
-            self._set_lifetime(msg.u32(m.LIFETIME), now)
+            self.mapped_address = mapped
+            self._set_lifetime(lifetime, now)
             self.state = READY
         elif tx.kind == "refresh" and self.state == READY:
-            self._set_lifetime(msg.u32(m.LIFETIME), now)
+            self._set_lifetime(lifetime, now)
         elif tx.kind == "permission":
             perm = self._perms.get(str(tx.arg))
             if perm is not None:
@@ -407,6 +421,10 @@ class TurnClient:
         elif tx.kind == "refresh" and self.state == READY:
             if code == 437:
                 self._fail(code, f"allocation lost on the server: {reason}", True)
+            elif code in (401, 441):
+                # TURN REST usernames carry their expiry and an allocation keeps its username,
+                # so expired credentials end the allocation: the caller allocates anew with fresh ones.
+                self._fail(code, f"Refresh refused: {reason}; credentials valid until {self._creds.expires}", True)
             else:
                 # Transient: try again shortly; the allocation is still valid until it expires.
                 self._refresh_at = now + 1.0

@@ -137,12 +137,14 @@ class TraversalSocket(asyncio.DatagramProtocol):
         kind = demux.classify(data)
         self.received_kinds[kind] += 1
         turn = self.turns.get(source)
-        if turn is not None and kind in (demux.STUN, demux.CHANNEL_DATA):
+        # The prober goes first: one relay is usually both STUN and TURN server, and its
+        # Binding answers carry transaction ids only the prober knows.
+        if kind == demux.STUN and self.prober is not None and self.prober.receive(data, source, now):
+            pass
+        elif turn is not None and kind in (demux.STUN, demux.CHANNEL_DATA):
             got = turn.unwrap(data, now)
             if got is not None:
                 self.peer_data.put_nowait((got[0], got[1], source))
-        elif kind == demux.STUN and self.prober is not None and self.prober.receive(data, source, now):
-            pass
         elif self._on_other is not None:
             self._on_other(data, source)
         else:

@@ -56,7 +56,6 @@ class _Unchanged:
 UNCHANGED = _Unchanged()
 
 _U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
 _NONCE = struct.Struct("<4xQ")
 _TRANSPORT_HEADER = struct.Struct("<IIQ")
 
@@ -94,8 +93,7 @@ class Device:
             offset = time.time() - time.monotonic()
             wall_clock = lambda t: t + offset  # noqa: E731
         self._wall_clock = wall_clock
-        self._private_key = crypto.clamp_private_key(private_key)
-        self._public_key = crypto.public_key(self._private_key)
+        self._private_key, self._public_key = self._derive_keys(private_key)
         self.peers: dict[bytes, Peer] = {}
         self._indices: dict[int, object] = {}  # local index -> Keypair or Peer (pending handshake)
         self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
@@ -117,23 +115,36 @@ class Device:
     def public_key(self) -> bytes:
         return self._public_key
 
+    @staticmethod
+    def _derive_keys(key: bytes) -> tuple[bytes, bytes]:
+        # All zeros means "no private key" (as in wg): no handshakes at all.
+        if not any(key):
+            return bytes(32), bytes(32)
+        private = crypto.clamp_private_key(key)
+        return private, crypto.public_key(private)
+
+    @property
+    def has_private_key(self) -> bool:
+        return any(self._private_key)
+
     def set_private_key(self, key: bytes, now: float) -> None:
         if len(key) != 32:
             raise ValueError("private key must be 32 bytes")
-        key = crypto.clamp_private_key(key)
-        if key == self._private_key:
+        private, public = self._derive_keys(key)
+        if private == self._private_key:
             return
-        self._private_key = key
-        self._public_key = crypto.public_key(key)
+        self._private_key, self._public_key = private, public
         self._cookies.set_public_key(self._public_key)
         # A peer with our own public key makes no sense; WireGuard removes it.
-        for pk in [pk for pk in self.peers if pk == self._public_key]:
+        for pk in [pk for pk in self.peers if pk == self._public_key and self.has_private_key]:
             self.remove_peer(pk, now)
         for peer in self.peers.values():
             peer.static_static = self._static_static(peer.public_key)
             self._drop_sessions(peer)
 
     def _static_static(self, remote: bytes) -> bytes | None:
+        if not self.has_private_key:
+            return None
         try:
             return crypto.dh(self._private_key, remote)
         except HandshakeCryptoError:
@@ -168,7 +179,7 @@ class Device:
 
         peer = self.peers.get(public_key)
         if peer is None:
-            if public_key == self._public_key:
+            if public_key == self._public_key and self.has_private_key:
                 raise ValueError("peer public key equals the interface's own public key")
             peer = Peer(public_key, self._static_static(public_key))
             self.peers[public_key] = peer
@@ -281,7 +292,7 @@ class Device:
         return len(times) > self.under_load_threshold
 
     def _handle_initiation(self, data: bytes, src: Endpoint, now: float, out: Datagrams) -> None:
-        if not self._cookies.check_mac1(data, INITIATION_MAC1_OFFSET):
+        if not self.has_private_key or not self._cookies.check_mac1(data, INITIATION_MAC1_OFFSET):
             self.dropped += 1
             return
         data = bytes(data)

@@ -189,3 +189,42 @@ async def test_real_udp_against_coturn(tmp_path):
     finally:
         coturn.terminate()
         coturn.wait(10)
+
+
+def _gso_roundtrip(port: int, creds) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(2)
+    peer.settimeout(2)
+    peer.bind(("127.0.0.1", 0))
+    server = ("127.0.0.1", port)
+    turn = TurnAllocation(creds.username, creds.password)
+    try:
+        turn.start(0.0)
+        events = []
+        while not any(isinstance(e, (Allocated, AllocationFailed)) for e in events):
+            for d in turn.datagrams_to_send():
+                sock.sendto(d, server)
+            events += turn.receive(sock.recv(4096), 0.0)
+        turn.bind_channel(peer.getsockname(), 0.0)
+        for d in turn.datagrams_to_send():
+            sock.sendto(d, server)
+        while not turn.channel_bound(peer.getsockname()):
+            turn.receive(sock.recv(4096), 0.0)
+        # One sendmsg with UDP_SEGMENT: nine 1000-byte frames and a shorter last one.
+        payloads = [bytes([i]) * 996 for i in range(9)] + [b"tail"]
+        frames = [turn.wrap(peer.getsockname(), p, 0.0) for p in payloads]
+        assert all(f[:2] == b"\x40\x00" for f in frames)
+        sock.sendmsg([b"".join(frames)], [(socket.SOL_UDP, 103, (1000).to_bytes(2, "little"))], 0, server)
+        got = [peer.recv(2048) for _ in payloads]
+        assert got == payloads
+    finally:
+        sock.close()
+        peer.close()
+
+
+async def test_client_gso_burst_is_relayed_as_separate_datagrams(relay):
+    """The agent sends bursts with UDP GSO; with GRO the relay gets them in one receive and must
+    still relay each frame as its own datagram, in order, short last frame included."""
+    creds = make_rest_credentials(relay.secret, "gso", 600)
+    await asyncio.to_thread(_gso_roundtrip, relay.port, creds)

@@ -54,26 +54,60 @@ def _turnserver_listening(port: int) -> bool:
     return True
 
 
-def start_coturn(workdir: Path) -> tuple[subprocess.Popen, int]:
+def self_signed_cert(workdir: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for coturn's TLS listener (the client does not verify it)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "turn.test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert_path, key_path = workdir / "cert.pem", workdir / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def start_coturn(workdir: Path) -> tuple[subprocess.Popen, int, int]:
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port(pair=True)
+    tls_port = free_port()
     min_port = free_port()
+    cert, key = self_signed_cert(workdir)
     log = open(workdir / "turnserver.log", "w")
     argv = ["turnserver", "-n", "--listening-ip=127.0.0.1", "--listening-ip=127.0.0.2", "--listening-ip=::1",
             f"--listening-port={port}", f"--alt-listening-port={port + 1}",
             "--relay-ip=127.0.0.1", "--relay-ip=::1", f"--min-port={min_port}", f"--max-port={min_port + 200}",
             "--use-auth-secret", f"--static-auth-secret={SECRET}", f"--realm={REALM}",
-            "--allow-loopback-peers", "--no-cli", "--no-tls", "--no-dtls", "--log-file=stdout", "--simple-log",
+            "--allow-loopback-peers", "--no-cli", "--no-dtls", "--log-file=stdout", "--simple-log",
+            f"--tls-listening-port={tls_port}", f"--cert={cert}", f"--pkey={key}",
             f"--pidfile={workdir / 'turnserver.pid'}", f"--userdb={workdir / 'turndb'}"]
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     log.close()
     deadline = time.monotonic() + 15
-    while not _turnserver_listening(port):
+    while not (_turnserver_listening(port) and _tcp_listening(tls_port)):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop(proc)
             raise RuntimeError(f"turnserver did not start; see {workdir / 'turnserver.log'}")
         time.sleep(0.1)
-    return proc, port
+    return proc, port, tls_port
+
+
+def _tcp_listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+    except OSError:
+        return False
+    return True
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -98,9 +132,9 @@ def server(request, tmp_path_factory):
     else:
         if shutil.which("turnserver") is None:
             pytest.skip("coturn's turnserver is not installed")
-        proc, port = start_coturn(tmp_path_factory.mktemp("coturn"))
+        proc, port, tls_port = start_coturn(tmp_path_factory.mktemp("coturn"))
         try:
-            yield Server("coturn", port, SECRET, ipv6=True)
+            yield Server("coturn", port, SECRET, ipv6=True, tls_port=tls_port)
         finally:
             stop(proc)
 
@@ -156,6 +190,14 @@ async def test_gather_srflx_from_the_tunnel_socket(server, tsock):
     assert result.other_address is not None and result.other_address != ("127.0.0.1", server.port)
     assert {o.server for o in prober.observations} == {("127.0.0.1", server.port), result.other_address}
     assert prober.mapping_varies_by_destination(4) is False
+
+
+async def test_gather_from_a_server_that_also_holds_our_allocation(server, tsock):
+    """One relay is usually both: its Binding answers must reach the prober, not the TURN client."""
+    turn = await allocated(tsock, server)
+    prober = await asyncio.wait_for(tsock.gather([turn.server]), 10)
+    assert prober.results[turn.server].mapped == tsock.local_address == turn.mapped_address
+    assert turn.state == READY
 
 
 async def test_gather_reports_a_dead_server_within_the_give_up_time(tsock):
@@ -334,11 +376,9 @@ async def test_allocate_over_tcp(server, peer):
 
 
 async def test_allocate_over_tls(server, peer):
-    if not server.tls_port:
-        pytest.skip(f"{server.kind} runs here without TLS (--no-tls)")
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE  # the test relay's certificate is self-signed
+    ctx.verify_mode = ssl.CERT_NONE  # both test servers use throwaway self-signed certificates
     stream = await TurnStream.connect(TurnClient(("127.0.0.1", server.tls_port), creds(server), stream=True), tls=ctx)
     try:
         await _exchange_over_stream(stream, peer)

@@ -252,3 +252,15 @@ def test_responder_flushes_waiting_packets_once_session_confirmed():
     assert b.tun_packets([ip4("10.0.0.2", "10.0.0.1")], 0.5) == []
     handshake(a, b, n, now=1.0)  # a initiates; its first data confirms b's keys
     assert n.tun[a] == [ip4("10.0.0.2", "10.0.0.1")]
+
+
+def test_zero_private_key_means_no_key_and_no_handshakes():
+    from overlay.wireguard.device import Device
+    d = Device(bytes(32))
+    assert not d.has_private_key and d.public_key == bytes(32)
+    b = make_device(2)
+    d.set_peer(b.public_key, 0, endpoints=[B1], allowed_ips=[net("10.0.0.2/32")])
+    assert d.tun_packets([ip4("10.0.0.1", "10.0.0.2")], 1.0) == []
+    d.set_private_key(bytes(range(32)), 2.0)
+    assert d.has_private_key
+    assert d.tun_packets([ip4("10.0.0.1", "10.0.0.2")], 2.0)[0][0][0] == MSG_INITIATION
