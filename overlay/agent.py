@@ -137,6 +137,8 @@ class Agent:
         if self._udp is None:
             self.listen_port = port
             return
+        if port and port == self.listen_port:
+            return
         s4, s6, bound = bind_pair(port or None)
         old = self._udp
         for s in old.sockets():

@@ -1,4 +1,4 @@
-"""`overlay` command line: genkey, pubkey, up, status.
+"""`overlay` command line: genkey, pubkey, join, up, status.
 
 User errors (bad config, busy port, missing /dev/net/tun, unknown interface)
 are one line on stderr and a non-zero exit, never a traceback.
@@ -312,6 +312,26 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
+# join
+# ---------------------------------------------------------------------------
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from overlay import join  # imported late: aiohttp is only needed here
+
+    try:
+        result = asyncio.run(join.join(args.url, args.token, args.config, name=args.name, force=args.force,
+                                       timeout=args.timeout))
+    except join.JoinError as e:
+        raise UserError(f"join: {e}") from None
+    networks = ", ".join(m.network for m in result.memberships)
+    addresses = ", ".join(str(a) for a in result.addresses)
+    print(f"joined {networks} as {result.name} ({result.public_key}): {addresses}")
+    print(f"wrote {result.path}; start the tunnel with: {PROG} up {result.path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,6 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between re-resolving hostname endpoints (default 60)")
     u.add_argument("--socket-dir", default=control.SOCKET_DIR, help=argparse.SUPPRESS)
     u.set_defaults(func=cmd_up)
+
+    j = sub.add_parser("join", help="join a network through a relay's rendezvous and write a config file")
+    j.add_argument("url", help="the relay's rendezvous URL (http, https, ws or wss)")
+    j.add_argument("config", help="config file to write (0600); an existing file's private key is kept")
+    j.add_argument("--token", required=True, help="join token from `overlay-relay token create`")
+    j.add_argument("--name", help="this node's name in the network (default: the host name)")
+    j.add_argument("--force", action="store_true", help="re-join an existing file at a different rendezvous URL")
+    j.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the relay (default 15)")
+    j.set_defaults(func=cmd_join)
 
     s = sub.add_parser("status", help="show running interfaces, their peers and endpoints")
     s.add_argument("interface", nargs="?")

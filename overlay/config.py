@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,6 +42,20 @@ class PeerConfig:
 
 
 @dataclass
+class RendezvousConfig:
+    """The `[Rendezvous]` section: which relay tells this node about its network.
+
+    `token` is only needed for the first join (it is spent then); `name` is how
+    the node appears to others, None meaning "use the host name".
+    """
+
+    url: str
+    # repr=False: a join token is a secret until it is spent.
+    token: str | None = field(default=None, repr=False)
+    name: str | None = None
+
+
+@dataclass
 class InterfaceConfig:
     private_key: bytes = field(repr=False)  # 32 raw bytes
     listen_port: int | None = None  # None = pick a free port
@@ -48,6 +63,8 @@ class InterfaceConfig:
     mtu: int | None = None  # None = default (1420)
     peers: list[PeerConfig] = field(default_factory=list)
     source: str = "<memory>"  # file path, for messages
+    # With a rendezvous, addresses and peers may also come from the relay.
+    rendezvous: RendezvousConfig | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -71,6 +88,11 @@ MIN_MTU_IPV6 = 1280
 MAX_MTU = 65535
 
 _HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+RENDEZVOUS_SCHEMES = ("http", "https", "ws", "wss")
+MAX_NODE_NAME = 64  # what the relay accepts
+# Printable, no spaces: a token is pasted from a terminal, so stray whitespace or
+# control characters mean a copy/paste accident, better reported than sent.
+_TOKEN_RE = re.compile(r"^[\x21-\x7e]{1,512}$")
 
 
 class ConfigError(ValueError):
@@ -159,6 +181,35 @@ def parse_endpoint(item: str) -> EndpointSpec:
     return EndpointSpec(host, port)
 
 
+def parse_rendezvous_url(value: str) -> str:
+    """An http/https/ws/wss URL with a host; returned unchanged (the client adds /v1/ws)."""
+    value = value.strip()
+    try:
+        url = urllib.parse.urlsplit(value)
+        url.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        raise ValueError(f"bad URL {value!r}: {e}") from None
+    if url.scheme.lower() not in RENDEZVOUS_SCHEMES:
+        raise ValueError(f"bad URL {value!r}: scheme must be one of {', '.join(RENDEZVOUS_SCHEMES)}")
+    if not url.hostname:
+        raise ValueError(f"bad URL {value!r}: no host")
+    if any(c.isspace() for c in value):
+        raise ValueError(f"bad URL {value!r}: contains whitespace")
+    return value
+
+
+def parse_token(value: str) -> str:
+    if not _TOKEN_RE.match(value):
+        raise ValueError("bad token: expected the printable text `overlay-relay token create` printed")
+    return value
+
+
+def parse_node_name(value: str) -> str:
+    if not value or len(value) > MAX_NODE_NAME or not value.isprintable():
+        raise ValueError(f"bad name {value!r}: 1-{MAX_NODE_NAME} printable characters")
+    return value
+
+
 def _split_list(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
@@ -177,6 +228,9 @@ class _Parser:
         self.peers: list[PeerConfig] = []
         self.peer_lines: list[int] = []  # line of each peer's [Peer] header
         self.peer_key_lines: list[int | None] = []  # line of each peer's PublicKey
+        self.rendezvous_line: int | None = None
+        self.rendezvous: dict[str, str] = {}  # lower-case key -> value
+        self.rendezvous_key_lines: dict[str, int] = {}
 
     def error(self, line: int | None, message: str) -> ConfigError:
         return ConfigError(self.source, line, message)
@@ -199,6 +253,12 @@ class _Parser:
                 self.peers.append(PeerConfig(public_key=b""))
                 self.peer_lines.append(lineno)
                 self.peer_key_lines.append(None)
+            elif name == "rendezvous":
+                if self.rendezvous_line is not None:
+                    raise self.error(
+                        lineno, f"second [Rendezvous] section (first at line {self.rendezvous_line})"
+                    )
+                self.rendezvous_line = lineno
             else:
                 raise self.error(lineno, f"unknown section [{text[1:-1].strip()}]")
             self.section = name
@@ -212,6 +272,8 @@ class _Parser:
         try:
             if self.section == "interface":
                 self.interface_key(lineno, key, value)
+            elif self.section == "rendezvous":
+                self.rendezvous_key(lineno, key, value)
             else:
                 self.peer_key(lineno, key, value)
         except ValueError as e:
@@ -239,6 +301,16 @@ class _Parser:
             pass  # host setup done by wg-quick; not ours to do
         else:
             raise self.error(lineno, f"unknown key {key!r} in [Interface]")
+
+    def rendezvous_key(self, lineno: int, key: str, value: str) -> None:
+        k = key.lower()
+        parsers = {"url": parse_rendezvous_url, "token": parse_token, "name": parse_node_name}
+        if k not in parsers:
+            raise self.error(lineno, f"unknown key {key!r} in [Rendezvous] (known: URL, Token, Name)")
+        if k in self.rendezvous_key_lines:
+            raise self.error(lineno, f"second {key} in [Rendezvous] (first at line {self.rendezvous_key_lines[k]})")
+        self.rendezvous[k] = parsers[k](value)
+        self.rendezvous_key_lines[k] = lineno
 
     def peer_key(self, lineno: int, key: str, value: str) -> None:
         peer = self.peers[-1]
@@ -289,6 +361,15 @@ class _Parser:
                 raise self.error(
                     self.mtu_line, f"MTU {self.mtu} is below {MIN_MTU_IPV6}, the IPv6 minimum"
                 )
+        rendezvous = None
+        if self.rendezvous_line is not None:
+            if "url" not in self.rendezvous:
+                raise self.error(self.rendezvous_line, "[Rendezvous] has no URL")
+            rendezvous = RendezvousConfig(
+                url=self.rendezvous["url"],
+                token=self.rendezvous.get("token"),
+                name=self.rendezvous.get("name"),
+            )
         return InterfaceConfig(
             private_key=self.private_key,
             listen_port=self.listen_port,
@@ -296,6 +377,7 @@ class _Parser:
             mtu=self.mtu,
             peers=self.peers,
             source=self.source,
+            rendezvous=rendezvous,
         )
 
 
@@ -335,6 +417,12 @@ def render_config(config: InterfaceConfig) -> str:
         lines.append("Address = " + ", ".join(str(a) for a in config.addresses))
     if config.mtu is not None:
         lines.append(f"MTU = {config.mtu}")
+    if config.rendezvous is not None:
+        lines += ["", "[Rendezvous]", f"URL = {config.rendezvous.url}"]
+        if config.rendezvous.name is not None:
+            lines.append(f"Name = {config.rendezvous.name}")
+        if config.rendezvous.token is not None:
+            lines.append(f"Token = {config.rendezvous.token}")
     for peer in config.peers:
         lines += ["", "[Peer]", f"PublicKey = {keys.encode(peer.public_key)}"]
         if peer.preshared_key is not None:

@@ -227,6 +227,7 @@ class Rendezvous:
         finally:
             if self.sessions.get(session.public_key) is session:
                 del self.sessions[session.public_key]
+                self.candidates.pop(session.public_key, None)  # stale once the node is gone
                 self.store.touch([n.id for n in session.memberships.values()], time.time())
                 await self._broadcast_self(session.public_key)
                 self.log("node_offline", node=session.public_key)

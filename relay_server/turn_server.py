@@ -41,6 +41,15 @@ _pack_into = struct.pack_into
 _seg_option = struct.Struct("=H").pack
 
 
+def _kernel_has_udp_gro() -> bool:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+        return True
+    except OSError:
+        return False
+
+
 class Coalescer:
     """Joins consecutive datagrams for one destination into a single UDP GSO send.
 
@@ -248,7 +257,7 @@ class TurnServer:
     def __init__(self, core: TurnCore, relay: RelayAddresses, fd_limit: int = 1 << 30, gro: bool = True) -> None:
         self.core = core
         self.fd_limit = fd_limit
-        self.gro = gro
+        self.gro = gro and _kernel_has_udp_gro()
         self.relay_ips = relay
         self.loop = asyncio.get_running_loop()
         self.buf = bytearray(BUF_SIZE)
@@ -258,6 +267,7 @@ class TurnServer:
         self.rbuf = bytearray(BUF_SIZE)
         self.rmv = memoryview(self.rbuf)
         self.rpayload = self.rmv[4:]
+        self.rpayload_bufs = [self.rpayload]
         self.to_peers = Coalescer()
         self.to_clients = Coalescer()
         self.udp: dict[Address, UdpListener] = {}
@@ -368,6 +378,12 @@ class TurnServer:
         except OSError:
             sock.close()
             return None
+        if self.gro:
+            try:
+                sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+            except OSError:
+                sock.close()
+                return None
         return sock
 
     def open(self, family: int, alloc: Allocation, even: bool = False,
@@ -417,11 +433,13 @@ class TurnServer:
         rbuf = self.rbuf
         rmv = self.rmv
         payload = self.rpayload
+        pbufs = self.rpayload_bufs
         transport = alloc.transport
         client = alloc.client
         peer_channels = alloc.peer_channels
         v6 = alloc.family == m.FAMILY_IPV6
         stream = transport.stream
+        gro = self.gro
         rate = core.s.bandwidth
         out = self.to_clients
         now = time.time()
@@ -429,7 +447,12 @@ class TurnServer:
         try:
             for _ in range(BATCH):
                 try:
-                    n, peer = sock.recvfrom_into(payload)
+                    if gro:
+                        n, anc, _flags, peer = sock.recvmsg_into(pbufs, GRO_ANCILLARY)
+                        seg = int.from_bytes(anc[0][2][:4], "little") if anc else n
+                    else:
+                        n, peer = sock.recvfrom_into(payload)
+                        seg = n
                 except (BlockingIOError, InterruptedError):
                     return
                 except OSError:
@@ -438,21 +461,40 @@ class TurnServer:
                     continue
                 if v6:
                     peer = peer[:2]
-                ch = peer_channels.get(peer)
+                if seg <= 0:
+                    seg = n
+                ch = peer_channels.get(peer)  # GRO only ever merges datagrams of one peer
                 if ch is None or ch.until < now:
                     # No live channel: permission check and Data indication on the slow path.
                     out.flush()
-                    self.dispatch(core.handle_peer(alloc, bytes(payload[:n]), peer, now))
+                    for off in range(0, max(n, 1), seg):
+                        self.dispatch(core.handle_peer(alloc, bytes(payload[off : min(off + seg, n)]), peer, now))
                     continue
-                if rate and not core.take_tokens(alloc, n, now, rate):
+                if n <= seg:  # one datagram (always, without GRO): no segment walk
+                    if not rate or core.take_tokens(alloc, n, now, rate):
+                        _pack_into("!I", rbuf, 0, ch.header | n)
+                        if stream:
+                            transport.send(bytes(rmv[: 4 + n]) + b"\0" * (-n % 4), client)  # type: ignore[attr-defined]
+                        else:
+                            out.add(ch, transport.sock, client, rmv[: 4 + n])  # type: ignore[attr-defined]
+                        pkts += 1
+                        nbytes += n
                     continue
-                _pack_into("!I", rbuf, 0, ch.header | n)
-                if stream:
-                    transport.send(bytes(rmv[: 4 + n]) + b"\0" * (-n % 4), client)  # type: ignore[attr-defined]
-                else:
-                    out.add(ch, transport.sock, client, rmv[: 4 + n])  # type: ignore[attr-defined]
-                pkts += 1
-                nbytes += n
+                for off in range(0, n, seg):
+                    end = off + seg
+                    if end > n:
+                        end = n
+                    size = end - off
+                    if not rate or core.take_tokens(alloc, size, now, rate):
+                        # The header goes into the 4 bytes before this payload: the headroom for
+                        # the first one, the already-copied tail of the previous one after that.
+                        _pack_into("!I", rbuf, off, ch.header | size)
+                        if stream:
+                            transport.send(bytes(rmv[off : off + 4 + size]) + b"\0" * (-size % 4), client)  # type: ignore[attr-defined]
+                        else:
+                            out.add(ch, transport.sock, client, rmv[off : off + 4 + size])  # type: ignore[attr-defined]
+                        pkts += 1
+                        nbytes += size
         finally:
             out.flush()
             if pkts:

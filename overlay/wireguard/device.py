@@ -584,7 +584,11 @@ class Device:
         indices = self._indices
         header_unpack = _TRANSPORT_HEADER.unpack_from
         nonce_pack = _NONCE.pack
+        min_size = TRANSPORT_MIN_SIZE
+        reject_after = REJECT_AFTER_MESSAGES
+        keypair_type = Keypair
         last_receiver = kp = replay = ring = decrypt = peer = None
+        authenticated_kp = None  # the keypair of the current run once a packet passed
         last_src_ep = None
         last_src = last_src_peer = last_data_peer = None
         rx = 0
@@ -595,13 +599,13 @@ class Device:
                 continue
             try:
                 head, receiver, counter = header_unpack(data, 0)
-                if head == 4 and n >= TRANSPORT_MIN_SIZE:
+                if head == 4 and n >= min_size:
                     if receiver != last_receiver:
                         if peer is not None:
                             peer.rx_bytes += rx
                             rx = 0
                         cand = indices.get(receiver)
-                        if type(cand) is not Keypair or now - cand.created >= REJECT_AFTER_TIME:
+                        if type(cand) is not keypair_type or now - cand.created >= REJECT_AFTER_TIME:
                             self.dropped += 1
                             last_receiver = peer = None
                             continue
@@ -611,7 +615,7 @@ class Device:
                         ring = replay._ring
                         decrypt = kp.recv_cipher.decrypt
                         last_receiver = receiver
-                        last_src_ep = None
+                        last_src_ep = authenticated_kp = None
                     highest = replay._highest
                     if counter <= highest and not replay.check(counter):
                         self.dropped += 1
@@ -622,49 +626,51 @@ class Device:
                         self.dropped += 1
                         continue
                     if counter > highest and (counter >> 6) == (highest >> 6) \
-                            and counter < REJECT_AFTER_MESSAGES:
+                            and counter < reject_after:
                         # In order, same 64-bit block: the common case, inline.
-                        idx = (counter >> 6) & replay._mask
-                        ring[idx] |= 1 << (counter & 63)
+                        ring[(counter >> 6) & replay._mask] |= 1 << (counter & 63)
                         replay._highest = counter
                     elif not replay.accept(counter):
                         self.dropped += 1
                         continue
                     rx += n
+                    if kp is not authenticated_kp:
+                        # First authenticated packet of this run of the session.
+                        authenticated_kp = kp
+                        received[peer] = kp
+                        if kp is peer.next:
+                            self._confirm_next(peer, now)
+                            if peer.staged:  # packets that waited for a session
+                                out.extend(self._send_staged(peer, now))
                     if src is not last_src_ep:
                         if src != peer.endpoint_set.active:
                             peer.endpoint_set.confirm(src)  # roaming
                         last_src_ep = src
-                    if kp is peer.next:
-                        self._confirm_next(peer, now)
-                        if peer.staged:  # packets that waited for a session
-                            out.extend(self._send_staged(peer, now))
-                    received[peer] = kp
                     if not plain:
                         continue  # keepalive
                     # Inner packet: strip padding, check the source against the
                     # peer's AllowedIPs (cached for runs from the same source).
-                    version = plain[0] >> 4
                     pn = len(plain)
+                    version = plain[0] >> 4
                     if version == 4 and pn >= 20:
-                        total = (plain[2] << 8) | plain[3]
-                        isrc = plain[12:16]
-                        if isrc != last_src or peer is not last_src_peer:
+                        if not (peer is last_src_peer and plain.startswith(last_src, 12)):
+                            isrc = plain[12:16]
                             if self.allowed_ips.lookup_v4(isrc) is not peer:
                                 self.dropped += 1
                                 continue
                             last_src, last_src_peer = isrc, peer
+                        total = (plain[2] << 8) | plain[3]
                         if total < 20 or total > pn:
                             self.dropped += 1
                             continue
                     elif version == 6 and pn >= 40:
-                        total = 40 + ((plain[4] << 8) | plain[5])
-                        isrc = plain[8:24]
-                        if isrc != last_src or peer is not last_src_peer:
+                        if not (peer is last_src_peer and plain.startswith(last_src, 8)):
+                            isrc = plain[8:24]
                             if self.allowed_ips.lookup_v6(isrc) is not peer:
                                 self.dropped += 1
                                 continue
                             last_src, last_src_peer = isrc, peer
+                        total = 40 + ((plain[4] << 8) | plain[5])
                         if total > pn:
                             self.dropped += 1
                             continue
@@ -680,7 +686,8 @@ class Device:
                 if peer is not None:
                     peer.rx_bytes += rx
                     rx = 0
-                last_receiver = peer = None
+                last_receiver = peer = authenticated_kp = None
+                last_src_peer = None
                 if head == 1 and n == INITIATION_SIZE:
                     self._handle_initiation(data, src, now, out)
                 elif head == 2 and n == RESPONSE_SIZE:

@@ -216,8 +216,19 @@ def _gso_roundtrip(port: int, creds) -> None:
         frames = [turn.wrap(peer.getsockname(), p, 0.0) for p in payloads]
         assert all(f[:2] == b"\x40\x00" for f in frames)
         sock.sendmsg([b"".join(frames)], [(socket.SOL_UDP, 103, (1000).to_bytes(2, "little"))], 0, server)
-        got = [peer.recv(2048) for _ in payloads]
+        got = []
+        for _ in payloads:
+            data, relayed = peer.recvfrom(2048)
+            got.append(data)
         assert got == payloads
+        # The other way: the peer bursts with GSO to the relayed address; the client gets one
+        # ChannelData datagram per original datagram.
+        back = [bytes([100 + i]) * 1200 for i in range(6)] + [b"end"]
+        peer.sendmsg([b"".join(back)], [(socket.SOL_UDP, 103, (1200).to_bytes(2, "little"))], 0, relayed)
+        received = []
+        while len(received) < len(back):
+            received += [e.data for e in turn.receive(sock.recv(4096), 0.0) if isinstance(e, PeerData)]
+        assert received == back
     finally:
         sock.close()
         peer.close()
@@ -225,6 +236,6 @@ def _gso_roundtrip(port: int, creds) -> None:
 
 async def test_client_gso_burst_is_relayed_as_separate_datagrams(relay):
     """The agent sends bursts with UDP GSO; with GRO the relay gets them in one receive and must
-    still relay each frame as its own datagram, in order, short last frame included."""
+    still relay each frame as its own datagram, in order, short last frame included, both ways."""
     creds = make_rest_credentials(relay.secret, "gso", 600)
     await asyncio.to_thread(_gso_roundtrip, relay.port, creds)
