@@ -322,3 +322,37 @@ class Agent:
                         handler(data, addr)
                     except Exception as exc:  # a plugin bug must not stop the tunnel
                         log.error("datagram handler failed", error=repr(exc))
+
+    # ------------------------------------------------- hooks for traversal
+    def receive_datagrams(self, items: list[tuple[bytes, Endpoint]]) -> None:
+        """WireGuard datagrams that arrived another way than the UDP sockets (e.g.
+        unwrapped from a TURN allocation, with a RelayEndpoint as source)."""
+        if not self._running or not items:
+            return
+        packets, out = self.device.datagrams(items, time.monotonic())
+        fd = self._tun_fd
+        if fd is not None and packets:
+            if self.tun_offload:
+                packets = offload.coalesce(packets)
+            for pkt in packets:
+                try:
+                    os.write(fd, pkt)
+                except OSError:
+                    pass  # TUN queue full or gone: drop, as the kernel would
+        if out:
+            self._send(out)
+        self._schedule()
+
+    def send_device_output(self, items: list[tuple[bytes, Endpoint]]) -> None:
+        """Send what a direct call into `device` returned (probes, punches) and re-arm timers."""
+        if not self._running:
+            return
+        if items:
+            self._send(items)
+        self._schedule()
+
+    async def add_addresses(self, addresses: list) -> None:
+        """Put more addresses on the TUN (e.g. the ones a rendezvous assigned)."""
+        if self._tun_fd is None:
+            return
+        await netlink.configure_link(self.ifname, list(addresses), self.mtu)

@@ -195,6 +195,7 @@ async def run_up(config: InterfaceConfig, ifname: str, socket_dir: str, resolve_
     server.on_endpoints_set = reresolver.endpoints_set_by_user
     started = False
     task: asyncio.Task | None = None
+    session = None  # the rendezvous session, with a [Rendezvous] section
     try:
         try:
             await agent.start()
@@ -211,11 +212,20 @@ async def run_up(config: InterfaceConfig, ifname: str, socket_dir: str, resolve_
             uapi=server.path,
         )
         task = asyncio.create_task(reresolver.run())
+        rendezvous = getattr(config, "rendezvous", None)
+        if rendezvous is not None:
+            from overlay.traversal.session import RendezvousSession
+
+            session = RendezvousSession(agent, rendezvous.url, token=rendezvous.token,
+                                        name=rendezvous.name)
+            session.start()
         await stop.wait()
         log.info("interface_stopping", interface=ifname)
     finally:
         if task is not None:
             task.cancel()
+        if session is not None:
+            await session.close()
         await server.close()
         if started:
             await agent.stop()
@@ -272,10 +282,20 @@ def format_status(doc: dict[str, Any], now: float | None = None) -> str:
     lines.append(f"  listening port: {doc['listen_port']}")
     for peer in doc["peers"]:
         lines += ["", f"peer: {peer['public_key']}"]
+        if peer.get("name"):
+            lines.append(f"  name: {peer['name']} ({', '.join(peer.get('overlay_ips') or [])})")
+        if peer.get("path"):
+            lines.append(f"  path: {peer['path']}")
         eps = []
+        addresses = []
         for ep in peer["endpoints"]:
+            if isinstance(ep, dict):  # with kind and state (agents with traversal)
+                addresses.append(ep["endpoint"])
+                eps.append(f"{ep['endpoint']} ({ep['kind']}, {ep['state']})")
+                continue
+            addresses.append(ep)
             eps.append(f"{ep} (active)" if ep == peer["active_endpoint"] else ep)
-        if peer["active_endpoint"] and peer["active_endpoint"] not in peer["endpoints"]:
+        if peer["active_endpoint"] and peer["active_endpoint"] not in addresses:
             eps.insert(0, f"{peer['active_endpoint']} (active)")
         lines.append(f"  endpoints: {', '.join(eps) if eps else '(none)'}")
         if peer["preshared_key"]:

@@ -22,10 +22,12 @@ from __future__ import annotations
 import errno as errno_mod
 import ipaddress
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from overlay import keys
+from overlay.wireguard import paths
 from overlay.config import Endpoint, IPNetwork, format_endpoint, parse_cidr
 
 STATUS_OP = "overlay_status=1"
@@ -288,13 +290,34 @@ def format_get(agent: Any) -> str:
 def status_dict(agent: Any) -> dict[str, Any]:
     """Everything `overlay status` shows; keys are base64 as `wg show` prints them."""
     device = agent.device
+    traversal = getattr(agent, "traversal", None)
+    now = time.monotonic()
     peers = []
     for peer in list(device.peers.values()):
+        info = traversal.peer_info(peer.public_key) if traversal is not None else None
+        eset = peer.endpoint_set
+        listed = peer.endpoints
+        if peer.active_endpoint is not None and peer.active_endpoint not in listed:
+            listed = [peer.active_endpoint, *listed]
         peers.append(
             {
                 "public_key": keys.encode(peer.public_key),
+                "name": info[0] if info else None,
+                "overlay_ips": info[1] if info else [str(n.network_address) for n in peer.allowed_ips
+                                                     if n.prefixlen == n.max_prefixlen],
                 "preshared_key": peer.preshared_key is not None,
-                "endpoints": [_describe_endpoint(e) for e in peer.endpoints],
+                # The active path: "relay" when it goes through a TURN relay (ours or the peer's).
+                "path": paths.path_of(peer),
+                "endpoint": None if peer.active_endpoint is None else _describe_endpoint(peer.active_endpoint),
+                "endpoints": [
+                    {
+                        "endpoint": _describe_endpoint(e),
+                        "kind": "configured" if e in peer.configured_endpoints else eset.kind_of(e),
+                        "state": paths.endpoint_state(peer, e, now),
+                        "rtt_ms": round(peer.probe_rtt[e] * 1000, 2) if e in peer.probe_rtt else None,
+                    }
+                    for e in listed
+                ],
                 "configured_endpoints": [_describe_endpoint(e) for e in peer.configured_endpoints],
                 "learned_endpoints": [_describe_endpoint(e) for e in peer.learned_endpoints],
                 "active_endpoint": None

@@ -97,7 +97,9 @@ class RendezvousClient:
     # -- connection ---------------------------------------------------------------------------
     async def connect(self, token: str | None = None, timeout: float = 10.0) -> None:
         """Open the WebSocket, prove the key (joining with `token` if given), load the peer map."""
-        self._http = aiohttp.ClientSession()
+        # Bounded connect, unbounded session: the WebSocket itself lives as long as it is healthy.
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=timeout,
+                                                                         sock_connect=timeout))
         try:
             self._ws = await self._http.ws_connect(self.url, heartbeat=self.heartbeat, timeout=aiohttp.ClientWSTimeout(ws_close=timeout))
             challenge = await self._receive_json(timeout)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 
 from cryptography.exceptions import InvalidTag
 
-from . import crypto, noise
+from . import crypto, noise, paths
 from .allowedips import AllowedIPs, IPNetwork
 from .constants import (
     INITIATION_SIZE,
@@ -102,6 +102,9 @@ class Device:
         # Under load, handshake messages are also limited per source address.
         self.source_limiter = SourceRateLimiter()
         self.dropped = 0  # datagrams/packets dropped as invalid, for diagnostics
+        # Called with the peer whenever a new handshake (not a retry) is about to
+        # start: the rendezvous session asks for hole punching then.
+        self.on_new_handshake: Callable[[Peer], None] | None = None
 
     def __repr__(self) -> str:
         return f"Device(peers={len(self.peers)})"
@@ -256,6 +259,8 @@ class Device:
                     and now - peer.last_initiation_sent < REKEY_TIMEOUT):
                 return []
             peer.handshake_attempts = 0
+            if self.on_new_handshake is not None:
+                self.on_new_handshake(peer)
         targets = peer.endpoint_set.ordered_for_handshake()
         if not targets or peer.static_static is None:
             return []
@@ -643,9 +648,15 @@ class Device:
                             if peer.staged:  # packets that waited for a session
                                 out.extend(self._send_staged(peer, now))
                     if src is not last_src_ep:
-                        if src != peer.endpoint_set.active:
-                            peer.endpoint_set.confirm(src)  # roaming
-                        last_src_ep = src
+                        eset = peer.endpoint_set
+                        if src == eset.active:
+                            eset.heard[src] = now
+                            last_src_ep = src
+                        elif (not plain or plain[0] >> 4 != paths.PROBE_NIBBLE) \
+                                and eset.roam(src, now):
+                            last_src_ep = src  # roamed (probes never roam)
+                        else:
+                            eset.heard[src] = now
                     if not plain:
                         continue  # keepalive
                     # Inner packet: strip padding, check the source against the
@@ -674,6 +685,9 @@ class Device:
                         if total > pn:
                             self.dropped += 1
                             continue
+                    elif paths.is_control(plain):
+                        out.extend(paths.handle_control(self, peer, plain, src, now))
+                        continue
                     else:
                         self.dropped += 1
                         continue
@@ -772,6 +786,10 @@ class Device:
                     if peer.t_persistent is None:  # nothing could be sent: try again later
                         peer.t_persistent = now + peer.persistent_keepalive
         return out
+
+    def probe(self, peer: Peer, endpoints: list[Endpoint], now: float) -> Datagrams:
+        """In-session pings to `endpoints` (see paths.py); nothing without a session."""
+        return paths.send_probes(self, peer, endpoints, now)
 
     def _keepalive(self, peer: Peer, now: float) -> Datagrams:
         if not peer.staged:

@@ -64,6 +64,13 @@ class Peer:
         self.rx_bytes = 0
         self.tx_bytes = 0
 
+        # In-session path probes (paths.py): probe id -> (endpoint, sent at),
+        # endpoint -> first unanswered probe time, endpoint -> last round trip.
+        self.probes: dict[bytes, tuple[Endpoint, float]] = {}
+        self.probe_unanswered_since: dict[Endpoint, float] = {}
+        self.probe_rtt: dict[Endpoint, float] = {}
+        self.probe_bytes = 0  # of rx_bytes + tx_bytes, what probes took (not user traffic)
+
     def __repr__(self) -> str:
         return f"Peer({base64.b64encode(self.public_key).decode()}, active={self.active_endpoint!r})"
 

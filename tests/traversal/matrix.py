@@ -50,6 +50,13 @@ def pair_id(pair: tuple[str, str]) -> str:
     return f"{pair[0]}--{pair[1]}"
 
 
+def selected_pairs(request: Any) -> list[tuple[str, str]]:
+    """The pairs of this module's tests that pytest will run (so `-k` runs only those)."""
+    chosen = [item.callspec.params["pair"] for item in request.session.items
+              if item.module is request.module and hasattr(item, "callspec") and "pair" in item.callspec.params]
+    return list(dict.fromkeys(chosen)) or PAIRS
+
+
 @dataclass
 class Slot:
     index: int

@@ -11,7 +11,7 @@ import pytest
 from tests.support import needs_root, needs_tools
 
 from .conftest import MATRIX_WORKERS
-from .matrix import PAIRS, Matrix, assert_case, pair_id, write_summary
+from .matrix import PAIRS, Matrix, assert_case, pair_id, selected_pairs, write_summary
 from .scenario import Scenario
 
 IFNAME_LETTER = "m"
@@ -19,13 +19,13 @@ pytestmark = [needs_root(), needs_tools("conntrack", "ping"), pytest.mark.timeou
 
 
 @pytest.fixture(scope="module")
-def results(module_lab, tmp_path_factory, ifprefix):
+def results(request, module_lab, tmp_path_factory, ifprefix):
     module_lab.add_relay()
     workdir = tmp_path_factory.mktemp("matrix")
     scenario = Scenario(module_lab, workdir, ifprefix)
     try:
         scenario.start_relay()
-        out = Matrix(module_lab, scenario, MATRIX_WORKERS).run_all(PAIRS)
+        out = Matrix(module_lab, scenario, MATRIX_WORKERS).run_all(selected_pairs(request))
         write_summary(out, workdir / "summary.txt", "overlay-relay")
         yield out
     finally:

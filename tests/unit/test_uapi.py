@@ -18,6 +18,7 @@ import subprocess
 import pytest
 
 from overlay import control, keys, uapi
+from overlay.wireguard.endpoints import EndpointSet
 
 UNCHANGED = object()
 
@@ -34,6 +35,10 @@ class FakePeer:
         self.last_handshake = None
         self.rx_bytes = 0
         self.tx_bytes = 0
+        # Kinds and path state for the status document (no candidates here).
+        self.endpoint_set = EndpointSet()
+        self.probe_rtt: dict = {}
+        self.probe_unanswered_since: dict = {}
 
     @property
     def endpoints(self):
@@ -215,7 +220,10 @@ async def test_get_shows_active_endpoint_and_brackets_ipv6():
     p.active_endpoint = ("2001:db8::9", 2)
     assert "endpoint=[2001:db8::9]:2" in uapi.format_get(agent)
     doc = uapi.status_dict(agent)
-    assert doc["peers"][0]["endpoints"] == ["192.0.2.1:1", "[2001:db8::9]:2"]
+    assert [e["endpoint"] for e in doc["peers"][0]["endpoints"]] == ["192.0.2.1:1", "[2001:db8::9]:2"]
+    assert [e["state"] for e in doc["peers"][0]["endpoints"]] == ["trying", "active"]
+    assert {e["kind"] for e in doc["peers"][0]["endpoints"]} == {"configured"}
+    assert doc["peers"][0]["path"] == "direct" and doc["peers"][0]["endpoint"] == "[2001:db8::9]:2"
     assert doc["peers"][0]["active_endpoint"] == "[2001:db8::9]:2"
 
 
@@ -419,4 +427,4 @@ async def test_set_and_get_against_the_real_device_core():
                                                 "allowed_ip=10.1.0.0/16", "preshared_key=" + "0" * 64]), 2.0)
     assert [str(n) for n in peer.allowed_ips] == ["10.1.0.0/16"] and peer.preshared_key is None
     doc = uapi.status_dict(agent)
-    assert doc["peers"][0]["endpoints"] == ["192.0.2.1:51820", "[2001:db8::1]:51820"]
+    assert [e["endpoint"] for e in doc["peers"][0]["endpoints"]] == ["192.0.2.1:51820", "[2001:db8::1]:51820"]

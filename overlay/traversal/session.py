@@ -1,0 +1,385 @@
+"""The rendezvous session inside `overlay up`.
+
+- logs in (joining with the config's token the first time) and stays connected,
+  reconnecting with backoff (`RendezvousClient.keep_connected`);
+- puts the overlay addresses the rendezvous assigned on the TUN when the config
+  has none;
+- turns the peer map into device peers: AllowedIPs = the peer's overlay /32 and
+  /128 (routes follow), endpoints = its candidates (kinds kept for status), an
+  automatic persistent keepalive so NAT mappings hold; `peer_removed` removes it.
+  Static `[Peer]` sections stay as configured next to these;
+- publishes our candidates (gatherer.py) whenever they change;
+- hole punching: when the device starts a handshake for a rendezvous peer with no
+  session, asks the rendezvous to `connect`; on a `connect` event both sides send
+  to every endpoint of the other at once (paths.punch);
+- while a peer's active path is a relay, probes its direct endpoints (every
+  PROBE_INTERVAL while traffic flows, backing off to PROBE_IDLE_MAX when idle) so
+  the path moves to a direct endpoint as soon as one answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import socket
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+
+from overlay.rendezvous.client import RendezvousClient, RendezvousError
+from overlay.wireguard import paths
+from overlay.wireguard.endpoints import KIND_RELAY, Endpoint, RelayEndpoint, direct_endpoint
+from overlay.wireguard.peer import Peer
+
+from .candidates import Candidate, parse_candidates
+from .gatherer import Gatherer
+
+log = structlog.get_logger("overlay.traversal.session")
+
+AUTO_KEEPALIVE = 25  # seconds, for rendezvous peers without a configured keepalive
+CONNECT_MIN_INTERVAL = 3.0  # per peer, between our `connect` requests
+PROBE_TICK = 0.5
+PROBE_INTERVAL = 1.0
+PROBE_IDLE_MAX = 30.0
+TURN_REFRESH_MARGIN = 600  # seconds before the TURN credentials expire
+
+
+def candidate_endpoints(cands: list[Candidate], own_relay_servers: list[tuple[str, int]],
+                        udp_blocked: bool) -> list[tuple[Endpoint, str]]:
+    """A peer's candidates as (endpoint, kind) pairs, in the order they are tried.
+
+    Every candidate is sent to straight from our socket (the peer's relayed address
+    reaches it through ITS allocation). When our own UDP is blocked, the only way
+    out is our TCP/TLS allocation: then the peer's relayed and server-reflexive
+    addresses are also reached through it.
+    """
+    order = {"host": 0, "srflx": 1, "prflx": 2, "relay": 3}
+    out: list[tuple[Endpoint, str]] = []
+    for cand in sorted(cands, key=lambda c: order.get(c.kind, 9)):
+        out.append((direct_endpoint(cand.ip, cand.port), cand.kind))
+    if udp_blocked:
+        for server in own_relay_servers:
+            fam = 6 if ":" in server[0] else 4
+            for cand in cands:
+                if cand.kind in ("relay", "srflx") and cand.family == fam:
+                    out.append((RelayEndpoint(server, direct_endpoint(cand.ip, cand.port)), KIND_RELAY))
+    return out
+
+
+class _PeerInfo:
+    __slots__ = ("key_b64", "name", "overlay_ips", "networks", "candidates", "last_connect",
+                 "probe_interval", "next_probe", "last_bytes")
+
+    def __init__(self, key_b64: str):
+        self.key_b64 = key_b64
+        self.name = ""
+        self.overlay_ips: list[str] = []
+        self.networks: set[str] = set()
+        self.candidates: list[Candidate] = []
+        self.last_connect = -1e18
+        self.probe_interval = PROBE_INTERVAL
+        self.next_probe = 0.0
+        self.last_bytes = (0, 0)
+
+
+class RendezvousSession:
+    def __init__(self, agent, url: str, token: str | None = None, name: str | None = None):
+        self.agent = agent
+        self.url = url
+        self.token = token
+        self.client = RendezvousClient(url, agent.device.private_key, name=name or socket.gethostname())
+        self.client.on_event = self._on_event
+        self.peers: dict[bytes, _PeerInfo] = {}
+        self.static_keys = {pc.public_key for pc in agent.config.peers}
+        self.static_keepalive = {pc.public_key: pc.persistent_keepalive for pc in agent.config.peers}
+        self.gatherer = Gatherer(agent, self._publish, lambda: self.client.turn,
+                                 urlsplit(url).hostname, on_relay_ready=self._relay_ready)
+        self.connected = asyncio.Event()
+        self.error: str | None = None
+        self.assigned_addresses: list = []
+        self._tasks: set[asyncio.Task] = set()
+        self._punching = False
+        self._refreshing_turn = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.agent.traversal = self
+        self.agent.device.on_new_handshake = self._on_new_handshake
+        self.gatherer.start()
+        self._spawn(self._run())
+        self._spawn(self._probe_loop())
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        self.gatherer.close()
+        if self.agent.device.on_new_handshake == self._on_new_handshake:
+            self.agent.device.on_new_handshake = None
+        await self.client.close()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("rendezvous task failed", error=repr(task.exception()))
+
+    async def _run(self) -> None:
+        watcher = self._spawn(self._on_connected_loop())
+        try:
+            await self.client.keep_connected(token=self.token, connected=self.connected)
+            log.warning("removed from every network by the operator; no rendezvous peers left")
+        except RendezvousError as exc:
+            self.error = str(exc)
+            log.error("rendezvous refused this node", url=self.url, error=str(exc))
+        finally:
+            watcher.cancel()
+
+    async def _on_connected_loop(self) -> None:
+        while True:
+            await self.connected.wait()
+            log.info("rendezvous connected", url=self.url, networks=sorted(self.client.memberships))
+            await self._apply_memberships()
+            for network in list(self.client.peers):
+                self._sync_network(network)
+            self.gatherer.regather()
+            while self.connected.is_set():
+                await asyncio.sleep(0.2)
+
+    async def _apply_memberships(self) -> None:
+        if self.agent.config.addresses or self.assigned_addresses:
+            return
+        wanted = []
+        for m in self.client.memberships.values():
+            for ip, prefix in ((m.ipv4, m.ipv4_prefix), (m.ipv6, m.ipv6_prefix)):
+                if not ip:
+                    continue
+                plen = ipaddress.ip_network(prefix, strict=False).prefixlen if prefix else None
+                wanted.append(ipaddress.ip_interface(f"{ip}/{plen}" if plen else ip))
+        if wanted:
+            try:
+                await self.agent.add_addresses(wanted)
+                self.assigned_addresses = wanted
+                self.agent.extra_overlay_ips = [str(w.ip) for w in wanted]
+                log.info("overlay addresses assigned", addresses=[str(w) for w in wanted])
+            except Exception as exc:  # noqa: BLE001
+                log.error("cannot add overlay addresses", error=str(exc))
+
+    # -- the peer map -------------------------------------------------------------------------------
+    def _on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        network = event.get("network")
+        try:
+            if kind in ("peers", "peer") and network:
+                self._sync_network(network)
+            elif kind == "peer_removed" and network:
+                self._drop(network, event.get("public_key"))
+            elif kind == "removed" and network:
+                for key in [k for k, info in self.peers.items() if network in info.networks]:
+                    self._drop(network, self.peers[key].key_b64)
+            elif kind == "connect" and network:
+                self._sync_network(network)
+                peer = event.get("peer") or {}
+                self._punch(peer.get("public_key"))
+            elif kind == "error":
+                log.info("rendezvous error", code=event.get("code"), message=event.get("message"))
+        except Exception as exc:  # noqa: BLE001 - a bad push must not stop the session
+            log.error("cannot apply rendezvous event", type=kind, error=repr(exc))
+
+    @staticmethod
+    def _key(key_b64: Any) -> bytes | None:
+        try:
+            key = base64.b64decode(key_b64, validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            return None
+        return key if len(key) == 32 else None
+
+    def _sync_network(self, network: str) -> None:
+        members = self.client.peers.get(network, {})
+        now = time.monotonic()
+        present: set[bytes] = set()
+        changed = False
+        for key_b64, rp in members.items():
+            key = self._key(key_b64)
+            if key is None or key == self.agent.device.public_key:
+                continue
+            present.add(key)
+            info = self.peers.get(key)
+            if info is None:
+                info = self.peers[key] = _PeerInfo(key_b64)
+            info.networks.add(network)
+            info.name = rp.name
+            ips = [ip for ip in (rp.ipv4, rp.ipv6) if ip]
+            nets = []
+            for ip in ips:
+                try:
+                    nets.append(ipaddress.ip_network(ip))
+                except ValueError:
+                    continue
+            cands = parse_candidates(rp.candidates)
+            peer = self.agent.device.peers.get(key)
+            new_peer = peer is None
+            if new_peer or ips != info.overlay_ips:
+                keepalive = self.static_keepalive.get(key) or AUTO_KEEPALIVE
+                peer = self.agent.device.set_peer(key, now, allowed_ips=nets,
+                                                  replace_allowed_ips=key not in self.static_keys,
+                                                  persistent_keepalive=keepalive)
+                changed = True
+            info.overlay_ips = ips
+            if new_peer or cands != info.candidates:
+                info.candidates = cands
+                self._set_endpoints(peer, info)
+                changed = True
+        for key, info in list(self.peers.items()):
+            if network in info.networks and key not in present:
+                self._drop(network, info.key_b64, sync=False)
+                changed = True
+        self._permit_all()
+        if changed:
+            self.agent.changed()
+
+    def _set_endpoints(self, peer: Peer, info: _PeerInfo) -> None:
+        allocs = self.gatherer.relay.ready()
+        udp_blocked = bool(allocs) and all(a.transport != "udp" for a in allocs)
+        servers = [a.server for a in allocs if a.transport != "udp"]
+        peer.endpoint_set.set_candidates(candidate_endpoints(info.candidates, servers, udp_blocked))
+
+    def _drop(self, network: str, key_b64: Any, sync: bool = True) -> None:
+        key = self._key(key_b64)
+        info = self.peers.get(key) if key else None
+        if info is None or key is None:
+            return
+        info.networks.discard(network)
+        if info.networks:
+            return
+        del self.peers[key]
+        if key in self.static_keys:
+            peer = self.agent.device.peers.get(key)
+            if peer is not None:
+                peer.endpoint_set.set_candidates([])
+        else:
+            self.agent.device.remove_peer(key, time.monotonic())
+            log.info("peer removed", name=info.name)
+        if sync:
+            self.agent.changed()
+
+    def _permit_all(self) -> None:
+        addrs = []
+        for info in self.peers.values():
+            for cand in info.candidates:
+                if cand.address not in addrs:
+                    addrs.append(cand.address)
+        self.gatherer.relay.permit(addrs)
+
+    def _relay_ready(self) -> None:
+        # Our allocation changed: relayed endpoints (UDP blocked) and permissions follow.
+        for key, info in self.peers.items():
+            peer = self.agent.device.peers.get(key)
+            if peer is not None:
+                self._set_endpoints(peer, info)
+        self._permit_all()
+
+    def _publish(self, cands: list[Candidate]) -> None:
+        log.info("candidates", candidates=[f"{c.kind} {c.ip}:{c.port}" for c in cands])
+        self._spawn(self._publish_async([c.to_dict() for c in cands]))
+
+    async def _publish_async(self, cands: list[dict]) -> None:
+        try:
+            await self.client.publish_candidates(cands)
+        except RendezvousError:
+            pass  # not connected: keep_connected publishes the last list after reconnecting
+
+    # -- hole punching ------------------------------------------------------------------------------
+    def _on_new_handshake(self, peer: Peer) -> None:
+        info = self.peers.get(peer.public_key)
+        if info is None or self._punching or not self.client.connected:
+            return
+        now = time.monotonic()
+        if peer.current is not None and now - peer.current.created < 120:
+            return  # a rekey of a working session, not a new connection
+        if now - info.last_connect < CONNECT_MIN_INTERVAL:
+            return
+        info.last_connect = now
+        network = next(iter(info.networks))
+        self._spawn(self._request_connect(network, info.key_b64))
+
+    async def _request_connect(self, network: str, key_b64: str) -> None:
+        try:
+            await self.client.request_connect(network, key_b64)
+        except RendezvousError:
+            pass
+
+    def _punch(self, key_b64: Any) -> None:
+        key = self._key(key_b64)
+        peer = self.agent.device.peers.get(key) if key else None
+        info = self.peers.get(key) if key else None
+        if peer is None or info is None:
+            return
+        now = time.monotonic()
+        info.last_connect = now  # the connect we asked for (or the peer did) is this one
+        info.probe_interval = PROBE_INTERVAL
+        info.next_probe = now + PROBE_INTERVAL
+        self._punching = True
+        try:
+            out = paths.punch(self.agent.device, peer, now)
+        finally:
+            self._punching = False
+        log.debug("punching", peer=info.name, datagrams=len(out))
+        self.agent.send_device_output(out)
+
+    # -- relay -> direct ----------------------------------------------------------------------------
+    async def _probe_loop(self) -> None:
+        last_turn_check = 0.0
+        while True:
+            await asyncio.sleep(PROBE_TICK)
+            now = time.monotonic()
+            out = []
+            for key, info in self.peers.items():
+                peer = self.agent.device.peers.get(key)
+                if peer is None or paths.path_of(peer) != paths.PATH_RELAY:
+                    continue
+                counters = (peer.rx_bytes + peer.tx_bytes - peer.probe_bytes, 0)
+                if counters != info.last_bytes:
+                    info.last_bytes = counters
+                    info.probe_interval = PROBE_INTERVAL  # traffic flows: probe at full rate
+                if now < info.next_probe:
+                    continue
+                targets = paths.direct_endpoints(peer)
+                if targets:
+                    out.extend(self.agent.device.probe(peer, targets, now))
+                info.next_probe = now + info.probe_interval
+                info.probe_interval = min(PROBE_IDLE_MAX, info.probe_interval * 2)
+            if out:
+                self.agent.send_device_output(out)
+            if now - last_turn_check > 30:
+                last_turn_check = now
+                self._maybe_refresh_turn()
+
+    def _maybe_refresh_turn(self) -> None:
+        creds = self.client.turn
+        if creds is None or self._refreshing_turn or not self.client.connected:
+            return
+        if creds.expires - time.time() < TURN_REFRESH_MARGIN:
+            self._spawn(self._refresh_turn())
+
+    async def _refresh_turn(self) -> None:
+        self._refreshing_turn = True
+        try:
+            await self.client.refresh_turn()
+        except (RendezvousError, asyncio.TimeoutError):
+            pass
+        finally:
+            self._refreshing_turn = False
+
+    # -- status ---------------------------------------------------------------------------------------
+    def peer_info(self, key: bytes) -> tuple[str, list[str]] | None:
+        info = self.peers.get(key)
+        return (info.name, list(info.overlay_ips)) if info is not None else None
