@@ -3,5 +3,6 @@
 message      the wire codec (RFC 8489/8656/5780/3489): Message, parse, ChannelData, stream framing
 client       request builders and answer readers (Binding, Allocate, CreatePermission, ChannelBind, ...)
 credentials  TURN REST time-limited credentials (coturn's use-auth-secret scheme)
-turn_client  TurnAllocation: a sans-I/O TURN client for a socket the caller owns
+
+The agent's TURN client (allocations over the tunnel socket) is overlay.traversal.turn_client.
 """

@@ -11,13 +11,13 @@ import base64
 import hashlib
 import hmac
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class TurnCredentials:
     username: str
-    password: str
+    password: str = field(repr=False)  # a secret: never in logs or reprs
     expires: int  # unix time
     urls: tuple[str, ...] = ()
 
