@@ -162,6 +162,8 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--run-agent":
         run_agent_main(sys.argv[2:])
         return
+    # Turn SIGTERM (e.g. from `timeout`) into an exception so the namespaces are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--modes", default="agent,wggo")

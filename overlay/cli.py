@@ -289,9 +289,12 @@ def format_status(doc: dict[str, Any], now: float | None = None) -> str:
         eps = []
         addresses = []
         for ep in peer["endpoints"]:
-            if isinstance(ep, dict):  # with kind and state (agents with traversal)
+            if isinstance(ep, dict):  # with kind and state; the kind matters for candidates
                 addresses.append(ep["endpoint"])
-                eps.append(f"{ep['endpoint']} ({ep['kind']}, {ep['state']})")
+                if ep["kind"] in ("configured", "learned"):
+                    eps.append(f"{ep['endpoint']} (active)" if ep["state"] == "active" else ep["endpoint"])
+                else:
+                    eps.append(f"{ep['endpoint']} ({ep['kind']}, {ep['state']})")
                 continue
             addresses.append(ep)
             eps.append(f"{ep} (active)" if ep == peer["active_endpoint"] else ep)

@@ -120,7 +120,10 @@ def _new_config(existing: InterfaceConfig | None, private_key: bytes, path: str,
     # (e.g. for static peers) and stays.
     kept = [a for a in existing.addresses
             if not any(a.version == o.version and a.ip in o.network for o in overlay_addresses)]
-    existing.addresses = overlay_addresses + kept
+    # The user's own addresses stay first: the first address of a family is the
+    # kernel's default source on the interface, and a setup that worked before
+    # the join must keep working after it.
+    existing.addresses = kept + overlay_addresses
     existing.rendezvous = RendezvousConfig(url=url, token=None, name=name)
     return existing
 

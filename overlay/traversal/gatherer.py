@@ -26,18 +26,20 @@ from urllib.parse import parse_qs, urlsplit
 import structlog
 
 from overlay.stun.credentials import TurnCredentials
+from overlay.wireguard.endpoints import RelayEndpoint
 
 from . import demux
 from .candidates import Candidate, host_candidates, interface_addresses, network_changes
 from .relay_path import Allocation, RelayPath
 from .stun_probe import StunProber, normalize
-from .turn_client import FAILED, READY, retry_delay
+from .turn_client import ALLOCATING, FAILED, READY, retry_delay
 
 log = structlog.get_logger("overlay.traversal.gatherer")
 
 REGATHER_INTERVAL = 60.0
 CHANGE_DEBOUNCE = 0.5
 DEFAULT_TURN_PORT = 3478
+UDP_ANSWER_WAIT = 1.5  # seconds without any answer over UDP before trying TCP
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,6 @@ class Gatherer:
             self.relay.handle_udp(data, addr)
 
     def _send_relayed(self, data: bytes, endpoint) -> None:
-        from overlay.wireguard.endpoints import RelayEndpoint
         if isinstance(endpoint, RelayEndpoint):
             self.relay.send(data, endpoint)
 
@@ -193,13 +194,19 @@ class Gatherer:
                 pass
 
     async def _watch_network(self) -> None:
+        loop = asyncio.get_running_loop()
+        pending: asyncio.TimerHandle | None = None
         try:
-            changes = network_changes()
-            async for _event in changes:
-                await asyncio.sleep(CHANGE_DEBOUNCE)
-                self._wake.set()
+            async for _event in network_changes():
+                # One change arrives as a burst of events (and our own routes add
+                # some): gather once, CHANGE_DEBOUNCE after the burst began.
+                if pending is None or pending.cancelled() or pending.when() <= loop.time():
+                    pending = loop.call_later(CHANGE_DEBOUNCE, self._wake.set)
         except Exception as exc:  # noqa: BLE001 - no rtnetlink: periodic gathering still works
             log.info("not watching network changes", error=repr(exc))
+        finally:
+            if pending is not None:
+                pending.cancel()
 
     def own_addresses(self) -> list[str]:
         return [str(a.ip) for a in self.agent.config.addresses] + list(getattr(self.agent, "extra_overlay_ips", []))
@@ -253,6 +260,16 @@ class Gatherer:
                 return
         log.debug("allocating", server=str(server.address), transport=server.transport)
         alloc.start()
+        if server.transport == "udp":
+            asyncio.get_running_loop().call_later(UDP_ANSWER_WAIT, self._udp_silent, alloc)
+
+    def _udp_silent(self, alloc: Allocation) -> None:
+        """No answer at all over UDP yet: UDP to the relay is most likely blocked, and
+        a user is waiting; move on to TCP now rather than after the client's 5 s."""
+        if alloc.closed or alloc.turn.state != ALLOCATING or alloc.turn.realm:
+            return  # answered (a 401 sets the realm), or already decided
+        alloc.turn._fail(0, f"no answer over UDP within {UDP_ANSWER_WAIT:g} s", True)
+        alloc.kick()
 
     def _allocation_state(self, alloc: Allocation) -> None:
         family = alloc.turn.family

@@ -30,6 +30,7 @@ from .turn_client import FAILED, READY, TurnClient
 log = structlog.get_logger("overlay.traversal.relay")
 
 STREAM_CONNECT_TIMEOUT = 3.0
+MAX_STREAM_BUFFER = 1 << 20  # bytes queued towards a TCP/TLS relay before tunnel packets are dropped
 
 
 class Allocation:
@@ -82,6 +83,8 @@ class Allocation:
         if self.transport == "udp":
             self._send_udp(data, self.turn.server)
         elif self._writer is not None and not self._writer.is_closing():
+            if self._writer.transport.get_write_buffer_size() > MAX_STREAM_BUFFER:
+                return  # the relay connection cannot keep up: drop, as a full UDP queue would
             self._writer.write(data)
 
     def flush(self) -> None:
@@ -211,8 +214,8 @@ class RelayPath:
         for alloc in self.ready():
             fam = alloc.turn.family
             for ip, port in peer_addresses:
-                if (6 if ":" in ip else 4) != fam:
-                    continue
+                if (6 if ":" in ip else 4) != fam or ip == alloc.server[0]:
+                    continue  # (relays refuse to relay to their own addresses)
                 alloc.turn.permit(ip, now)
                 alloc.turn.bind((ip, port), now)
             alloc.kick()

@@ -42,9 +42,16 @@ log = structlog.get_logger("overlay.traversal.session")
 
 AUTO_KEEPALIVE = 25  # seconds, for rendezvous peers without a configured keepalive
 CONNECT_MIN_INTERVAL = 3.0  # per peer, between our `connect` requests
+# A new handshake with a session whose peer was heard within this many seconds is a
+# rekey, not a lost path: no hole punching needed.
+SILENT_BEFORE_CONNECT = 10.0
 PROBE_TICK = 0.5
 PROBE_INTERVAL = 1.0
 PROBE_IDLE_MAX = 30.0
+# Seconds after a connect event when both sides send again: the first packets may
+# reach the other NAT before its own outbound packets opened it, and a handshake
+# in flight is only retransmitted by WireGuard after 5 s.
+PUNCH_REPEATS = (0.1, 0.3, 0.7, 1.5, 2.5, 3.5, 4.5)
 TURN_REFRESH_MARGIN = 600  # seconds before the TURN credentials expire
 
 
@@ -65,14 +72,16 @@ def candidate_endpoints(cands: list[Candidate], own_relay_servers: list[tuple[st
         for server in own_relay_servers:
             fam = 6 if ":" in server[0] else 4
             for cand in cands:
-                if cand.kind in ("relay", "srflx") and cand.family == fam:
+                # A relay does not relay to its own addresses (403), so a peer's
+                # allocation on the same server is not reachable through ours.
+                if cand.kind in ("relay", "srflx") and cand.family == fam and cand.ip != server[0]:
                     out.append((RelayEndpoint(server, direct_endpoint(cand.ip, cand.port)), KIND_RELAY))
     return out
 
 
 class _PeerInfo:
     __slots__ = ("key_b64", "name", "overlay_ips", "networks", "candidates", "last_connect",
-                 "probe_interval", "next_probe", "last_bytes")
+                 "probe_interval", "next_probe", "last_bytes", "path")
 
     def __init__(self, key_b64: str):
         self.key_b64 = key_b64
@@ -84,6 +93,7 @@ class _PeerInfo:
         self.probe_interval = PROBE_INTERVAL
         self.next_probe = 0.0
         self.last_bytes = (0, 0)
+        self.path: str | None = None  # last logged
 
 
 class RendezvousSession:
@@ -189,6 +199,11 @@ class RendezvousSession:
                 self._sync_network(network)
                 peer = event.get("peer") or {}
                 self._punch(peer.get("public_key"))
+                # Both sides send at once, but the first packets may reach the other
+                # NAT before its own outbound packets opened it: send again shortly.
+                loop = asyncio.get_running_loop()
+                for delay in PUNCH_REPEATS:
+                    loop.call_later(delay, self._punch, peer.get("public_key"), False)
             elif kind == "error":
                 log.info("rendezvous error", code=event.get("code"), message=event.get("message"))
         except Exception as exc:  # noqa: BLE001 - a bad push must not stop the session
@@ -207,6 +222,7 @@ class RendezvousSession:
         now = time.monotonic()
         present: set[bytes] = set()
         changed = False
+        repunch: list[str] = []  # peers with new candidates and no session yet
         for key_b64, rp in members.items():
             key = self._key(key_b64)
             if key is None or key == self.agent.device.public_key:
@@ -234,10 +250,13 @@ class RendezvousSession:
                                                   persistent_keepalive=keepalive)
                 changed = True
             info.overlay_ips = ips
+            peer.crossing_tiebreak = True
             if new_peer or cands != info.candidates:
                 info.candidates = cands
                 self._set_endpoints(peer, info)
                 changed = True
+                if not new_peer:
+                    repunch.append(key_b64)
         for key, info in list(self.peers.items()):
             if network in info.networks and key not in present:
                 self._drop(network, info.key_b64, sync=False)
@@ -245,6 +264,19 @@ class RendezvousSession:
         self._permit_all()
         if changed:
             self.agent.changed()
+        for key_b64 in repunch:
+            self._punch_if_waiting(key_b64)
+
+    def _punch_if_waiting(self, key_b64: str) -> None:
+        """New endpoints for a peer we have no session with yet: try them at once
+        (only while a handshake is in flight; the connect exchange started it)."""
+        key = self._key(key_b64)
+        peer = self.agent.device.peers.get(key) if key else None
+        if peer is None or peer.handshake is None:
+            return
+        if self.agent.device._usable_send_keypair(peer, time.monotonic()) is not None:
+            return
+        self._punch(key_b64, first=False)
 
     def _set_endpoints(self, peer: Peer, info: _PeerInfo) -> None:
         allocs = self.gatherer.relay.ready()
@@ -286,6 +318,8 @@ class RendezvousSession:
             if peer is not None:
                 self._set_endpoints(peer, info)
         self._permit_all()
+        for info in list(self.peers.values()):
+            self._punch_if_waiting(info.key_b64)
 
     def _publish(self, cands: list[Candidate]) -> None:
         log.info("candidates", candidates=[f"{c.kind} {c.ip}:{c.port}" for c in cands])
@@ -303,7 +337,8 @@ class RendezvousSession:
         if info is None or self._punching or not self.client.connected:
             return
         now = time.monotonic()
-        if peer.current is not None and now - peer.current.created < 120:
+        heard = max(peer.endpoint_set.heard.values(), default=None)
+        if peer.current is not None and heard is not None and now - heard < SILENT_BEFORE_CONNECT:
             return  # a rekey of a working session, not a new connection
         if now - info.last_connect < CONNECT_MIN_INTERVAL:
             return
@@ -317,13 +352,16 @@ class RendezvousSession:
         except RendezvousError:
             pass
 
-    def _punch(self, key_b64: Any) -> None:
+    def _punch(self, key_b64: Any, first: bool = True) -> None:
         key = self._key(key_b64)
         peer = self.agent.device.peers.get(key) if key else None
         info = self.peers.get(key) if key else None
         if peer is None or info is None:
             return
         now = time.monotonic()
+        if not first and paths.path_of(peer) == paths.PATH_DIRECT \
+                and self.agent.device._usable_send_keypair(peer, now) is not None:
+            return  # already through
         info.last_connect = now  # the connect we asked for (or the peer did) is this one
         info.probe_interval = PROBE_INTERVAL
         info.next_probe = now + PROBE_INTERVAL
@@ -344,7 +382,19 @@ class RendezvousSession:
             out = []
             for key, info in self.peers.items():
                 peer = self.agent.device.peers.get(key)
-                if peer is None or paths.path_of(peer) != paths.PATH_RELAY:
+                path = paths.path_of(peer) if peer is not None else None
+                if path != info.path and peer is not None and peer.current is not None:
+                    log.info("path", peer=info.name, path=path, endpoint=str(peer.active_endpoint))
+                    info.path = path
+                if peer is None:
+                    continue
+                if path == paths.PATH_DIRECT:
+                    if paths.active_looks_dead(peer, now) and now >= info.next_probe:
+                        # Failover: every endpoint, relays included; the first pong wins.
+                        out.extend(self.agent.device.probe(peer, peer.endpoints, now))
+                        info.next_probe = now + PROBE_INTERVAL
+                    continue
+                if path != paths.PATH_RELAY:
                     continue
                 counters = (peer.rx_bytes + peer.tx_bytes - peer.probe_bytes, 0)
                 if counters != info.last_bytes:

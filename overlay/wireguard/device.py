@@ -346,6 +346,8 @@ class Device:
                 and now - peer.last_initiation_consumed < INITIATIONS_MIN_INTERVAL):
             self.dropped += 1
             return
+        if paths.keep_own_handshake(self, peer, now):
+            return  # crossing initiations with an agent peer: ours wins (see paths.py)
         peer.latest_timestamp = init.timestamp
         peer.last_initiation_consumed = now
         # One handshake per peer: the peer's initiation supersedes ours.
@@ -355,8 +357,9 @@ class Device:
         peer.endpoint_set.confirm(src)
         self._any_authenticated_received(peer, now)
 
-        kp_placeholder = object()
-        idx = self._new_index(kp_placeholder)
+        # Reserve our index first (it goes into the response); the keypair that
+        # will own it only exists once the response is built.
+        idx = self._new_index(object())
         msg, keys = noise.create_response(init, local_index=idx,
                                           preshared_key=peer.preshared_key, rng=self._rng)
         msg = peer.cookies.add_macs(msg, now)

@@ -33,6 +33,7 @@ KIND_PRFLX = "prflx"
 # How long a direct active endpoint must have been silent before an authenticated
 # packet from a relay-kind source may pull the peer back onto the relay.
 RELAY_ROAM_HOLD = 5.0
+MAX_HEARD = 64  # "last heard" times kept per peer before unknown sources are forgotten
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +227,8 @@ class EndpointSet:
         handshake answered on every path); only when the direct endpoint has been
         silent for RELAY_ROAM_HOLD seconds is the relay taken as the better path.
         """
+        if len(self.heard) > MAX_HEARD:
+            self._prune()
         active = self.active
         if (active is not None and self.is_relayed(endpoint) and not self.is_relayed(active)
                 and now - self.heard.get(active, -1e18) < RELAY_ROAM_HOLD):

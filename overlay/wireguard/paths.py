@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .constants import KEEPALIVE_TIMEOUT, REKEY_TIMEOUT
 from .endpoints import Endpoint, RelayEndpoint
 
 if TYPE_CHECKING:
@@ -34,6 +35,10 @@ MAX_OUTSTANDING = 64  # probe ids remembered per peer (oldest dropped first)
 PROBE_FAIL_AFTER = 3.0  # an endpoint unanswered this long shows as "failed"
 HEARD_OK_WITHIN = 30.0  # an endpoint heard from this recently shows as "ok"
 SEND_FAILED_WINDOW = 15.0
+
+# The active endpoint counts as dead when nothing came from it for this long while
+# we were sending data (the session then probes every endpoint, relays included).
+SILENT_ACTIVE = 3.0
 
 PATH_DIRECT = "direct"
 PATH_RELAY = "relay"
@@ -62,6 +67,10 @@ def send_probes(device: Device, peer: Peer, endpoints: list[Endpoint], now: floa
     if device._usable_send_keypair(peer, now) is None:
         return []
     out: Datagrams = []
+    if len(peer.probe_unanswered_since) > MAX_OUTSTANDING:
+        known = set(peer.endpoint_set.all())
+        peer.probe_unanswered_since = {e: t for e, t in peer.probe_unanswered_since.items() if e in known}
+        peer.probe_rtt = {e: t for e, t in peer.probe_rtt.items() if e in known}
     for ep in endpoints:
         probe_id = device._rng(PROBE_ID_LEN)
         peer.probes[probe_id] = (ep, now)
@@ -94,10 +103,35 @@ def handle_control(device: Device, peer: Peer, plain: bytes, src: Endpoint, now:
         peer.probe_unanswered_since.pop(src, None)
         peer.probe_rtt[src] = now - sent[1]
         eset.failed_at.pop(src, None)
-        if eset.is_relayed(eset.active) and not eset.is_relayed(src):
+        active = eset.active
+        if eset.is_relayed(active) and not eset.is_relayed(src):
             eset.confirm(src)  # relay -> direct, same session
+        elif src != active and now - eset.heard.get(active, -1e18) >= SILENT_ACTIVE:
+            eset.confirm(src)  # the active path went silent; this one answers
         return []
     return []
+
+
+# How long after sending our own initiation a crossing initiation from the peer is
+# ignored in favour of ours (only by the side with the larger public key).
+CROSSING_WINDOW = 2.0
+
+
+def keep_own_handshake(device: Device, peer: Peer, now: float) -> bool:
+    """Whether to ignore the peer's initiation because ours is in flight.
+
+    When both sides initiate at once (hole punching makes that the rule), each one
+    consuming the other's initiation drops its own handshake, so both responses
+    are then discarded and nothing works until the retransmission 5 s later. With
+    an agent peer the tie is broken by key order: the larger key keeps its own
+    handshake and ignores the peer's initiation; the smaller key answers. Limited
+    to CROSSING_WINDOW after our initiation, so a one-way path cannot lock the
+    peer out.
+    """
+    return (peer.crossing_tiebreak and peer.handshake is not None
+            and peer.last_initiation_sent is not None
+            and now - peer.last_initiation_sent < CROSSING_WINDOW
+            and device.public_key > peer.public_key)
 
 
 def path_of(peer: Peer) -> str | None:
@@ -122,6 +156,21 @@ def endpoint_state(peer: Peer, endpoint: Endpoint, now: float) -> str:
     if heard is not None and now - heard < HEARD_OK_WITHIN:
         return "ok"
     return "trying"
+
+
+def active_looks_dead(peer: Peer, now: float) -> bool:
+    """Data went out at least SILENT_ACTIVE seconds ago and nothing at all came back since.
+
+    The device arms `t_new_handshake` at the first data sent after the last packet
+    received (KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + jitter ahead) and disarms it on any
+    authenticated packet: so it tells when the unanswered sending began.
+    """
+    eset = peer.endpoint_set
+    if peer.t_new_handshake is None or eset.active is None:
+        return False
+    first_unanswered = peer.t_new_handshake - (KEEPALIVE_TIMEOUT + REKEY_TIMEOUT)
+    return (now - first_unanswered >= SILENT_ACTIVE
+            and now - max(eset.heard.values(), default=-1e18) >= SILENT_ACTIVE)
 
 
 def direct_endpoints(peer: Peer) -> list[Endpoint]:

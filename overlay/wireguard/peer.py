@@ -69,6 +69,9 @@ class Peer:
         self.probes: dict[bytes, tuple[Endpoint, float]] = {}
         self.probe_unanswered_since: dict[Endpoint, float] = {}
         self.probe_rtt: dict[Endpoint, float] = {}
+        # Set for peers known to run this agent (rendezvous peers): crossing
+        # initiations are settled by key order instead of both being lost.
+        self.crossing_tiebreak = False
         self.probe_bytes = 0  # of rx_bytes + tx_bytes, what probes took (not user traffic)
 
     def __repr__(self) -> str:

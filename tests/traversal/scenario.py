@@ -188,7 +188,7 @@ class Scenario:
         argv = [
             "turnserver", "-n", "--use-auth-secret", f"--static-auth-secret={secret}", "--realm=overlay",
             "-L", relay.ipv4, "-L", relay.ipv6, "-p", str(port),
-            "--no-tls", "--no-dtls", "--no-cli", "-m", "1", "--no-multicast-peers",
+            "--no-tls", "--no-dtls", "--no-cli", "-m", "1", "--no-multicast-peers", "-v",  # -v: log each allocation
             "--log-file", "stdout", "--simple-log",
             "--pidfile", str(self.workdir / "turnserver.pid"), "--userdb", str(self.workdir / "turndb"),
         ]

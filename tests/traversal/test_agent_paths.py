@@ -12,12 +12,14 @@ Each case gets fresh NATs of its own behaviour (one lab, one relay for the modul
 from __future__ import annotations
 
 import itertools
+import subprocess
 import time
 
 import pytest
 
 from tests.support import needs_root, needs_tools
 
+from .scenario import OVERLAY as OVERLAY_CLI
 from .scenario import Scenario
 
 IFNAME_LETTER = "p"
@@ -39,8 +41,10 @@ def scenario(module_lab, tmp_path_factory, ifprefix):
 
 def _pair(sc: Scenario, nat_a: str, nat_b: str):
     i = next(_n)
-    na = sc.lab.add_nat(f"pa{i}", nat_a)
-    nb = sc.lab.add_nat(f"pb{i}", nat_b)
+    # IPv6 behind the same NAT behaviour (NAT66): with the default routed IPv6 and a
+    # stateful firewall every pair could punch over IPv6.
+    na = sc.lab.add_nat(f"pa{i}", nat_a, ipv6="nat66")
+    nb = sc.lab.add_nat(f"pb{i}", nat_b, ipv6="nat66")
     ha, hb = sc.lab.add_host(f"qa{i}", na), sc.lab.add_host(f"qb{i}", nb)
     token = sc.token(f"agent{i}", uses=2)
     a = sc.join(ha, token, f"a{i}")
@@ -77,7 +81,9 @@ def test_port_restricted_pair_goes_direct(scenario):
         _check_entry(sc.peer_status(a, b), "direct")
         _check_entry(sc.peer_status(b, a), "direct")
         assert sc.ping_once(a, b, family=6), "no reply over the overlay IPv6 address"
-        print(f"\nport-restricted pair: first ping {first_ping:.2f} s, direct on both sides {direct_after:.2f} s")
+        launched = time.time() - (time.monotonic() - b.started_at)
+        print(f"\nport-restricted pair: first ping {first_ping:.2f} s, direct on both sides {direct_after:.2f} s"
+              f" (b launched at {time.strftime('%H:%M:%S', time.gmtime(launched))}{launched % 1:.3f})")
     finally:
         sc.stop(a)
         sc.stop(b)
@@ -100,7 +106,14 @@ def test_blackholed_direct_path_uses_the_relay(scenario):
         sc.wait_path(a, b, "direct", timeout=15)
         sc.wait_path(b, a, "direct", timeout=15)
         assert sc.ping_once(a, b)
-        print(f"\nblackholed pair: first ping over the relay {first_ping:.2f} s")
+        # The direct path dies during the session: traffic moves back to the relay.
+        sc.lab.blackhole(na, nb)
+        lost_at = time.monotonic()
+        sc.wait_ping(a, b, timeout=30)
+        recovered = time.monotonic() - lost_at
+        sc.wait_path(a, b, "relay", timeout=10)
+        print(f"\nblackholed pair: first ping over the relay {first_ping:.2f} s; "
+              f"after losing the direct path, ping again after {recovered:.2f} s")
     finally:
         sc.stop(a)
         sc.stop(b)
@@ -138,3 +151,36 @@ def test_udp_blocked_side_uses_the_relay_over_tcp(scenario):
     finally:
         sc.stop(a)
         sc.stop(b)
+
+
+def test_hand_written_rendezvous_config_gets_its_addresses_from_the_relay(scenario):
+    """A config with only a key and a [Rendezvous] section (URL, Token, Name): `overlay up`
+    joins, puts the addresses the rendezvous assigned on its interface, and works."""
+    sc = scenario
+    i = next(_n)
+    na = sc.lab.add_nat(f"pa{i}", "port-restricted", ipv6="nat66")
+    nb = sc.lab.add_nat(f"pb{i}", "port-restricted", ipv6="nat66")
+    token = sc.token(f"agent{i}", uses=2)
+    a = sc.join(sc.lab.add_host(f"qa{i}", na), token, f"a{i}")
+    c = sc.new_node(sc.lab.add_host(f"qc{i}", nb), f"c{i}")
+    key = subprocess.run(OVERLAY_CLI + ["genkey"], capture_output=True, text=True, check=True).stdout.strip()
+    c.config.write_text(f"[Interface]\nPrivateKey = {key}\n\n[Rendezvous]\nURL = {sc.relay.http_url}\n"
+                        f"Token = {token}\nName = c{i}\n")
+    c.config.chmod(0o600)
+    c.load()
+    assert not c.overlay_ipv4  # nothing in the file
+    try:
+        sc.up(a)
+        sc.up(c)
+        entry = sc.wait_peer(a, c, lambda p: bool(p.get("overlay_ips")), 15, "showed overlay addresses")
+        c.overlay_ipv4 = next(ip for ip in entry["overlay_ips"] if ":" not in ip)
+        c.overlay_ipv6 = next(ip for ip in entry["overlay_ips"] if ":" in ip)
+        addrs = c.host.ns.run("ip", "-o", "addr", "show", "dev", c.ifname).stdout
+        assert c.overlay_ipv4 in addrs and c.overlay_ipv6 in addrs, addrs
+        sc.wait_ping(c, a, timeout=20)
+        sc.wait_ping(a, c, timeout=20)
+        assert sc.ping_once(a, c, family=6)
+        sc.wait_path(c, a, "direct", timeout=10)
+    finally:
+        sc.stop(a)
+        sc.stop(c)

@@ -241,3 +241,28 @@ def test_unwritable_directory_fails_before_the_token_is_spent(relay: Relay, tmp_
     _assert_refused(proc, "cannot write in")
     assert node_rows(relay, "kappa") == []
     assert overlay("join", relay.http_url, "--token", token, str(tmp_path / "k.conf")).returncode == 0
+
+
+def test_addresses_take_the_network_prefix_or_fall_back_to_host_routes() -> None:
+    from overlay.join import membership_addresses
+    from overlay.rendezvous import Membership
+
+    with_prefix = Membership("n", "x", "100.64.3.7", "fd00:1:2:3::7", "100.64.3.0/24", "fd00:1:2:3::/64")
+    assert [str(a) for a in membership_addresses(with_prefix)] == ["100.64.3.7/24", "fd00:1:2:3::7/64"]
+    without = Membership("n", "x", "100.64.3.7", "fd00:1:2:3::7", None, None)
+    assert [str(a) for a in membership_addresses(without)] == ["100.64.3.7/32", "fd00:1:2:3::7/128"]
+    # A prefix that does not contain the address is not believed.
+    odd = Membership("n", "x", "100.64.3.7", "", "10.0.0.0/8", None)
+    assert [str(a) for a in membership_addresses(odd)] == ["100.64.3.7/32"]
+
+
+@pytest.mark.parametrize(("a", "b", "same"), [
+    ("http://relay.example:8080", "ws://relay.example:8080/", True),
+    ("https://Relay.Example", "wss://relay.example:443/v1/ws", True),
+    ("http://relay.example:8080", "http://relay.example:8081", False),
+    ("http://relay.example", "http://other.example", False),
+])
+def test_same_rendezvous(a: str, b: str, same: bool) -> None:
+    from overlay.join import same_rendezvous
+
+    assert same_rendezvous(a, b) is same

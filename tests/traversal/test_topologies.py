@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from overlay import keys
 from overlay.lab import Host, Lab
 from overlay.lab.addressing import lan_v4_net, lan_v6_gateway, lan_v6_net
 from overlay.lab.nodes import ip_batch
@@ -99,10 +100,52 @@ def test_two_nodes_behind_one_nat_connect_directly_on_their_lan(scenario: Scenar
         scenario.transfer(a, b, TRANSFER_BYTES)
         moved = meter.read() - before
         assert moved.via_relay < TRANSFER_BYTES // 10, f"the transfer went through the relay: {moved}"
+        # What the user types shows the same: `overlay status IFNAME --json`, run in a's host.
+        shown = {p["public_key"]: p for p in scenario.status_cli(a)["peers"]}
+        assert shown[b.public_key]["path"] == "direct" and shown[b.public_key]["name"] == "b"
     finally:
         meter.remove()
         scenario.stop(a)
         scenario.stop(b)
+
+
+def test_static_peer_keeps_working_beside_rendezvous_peers(scenario: Scenario) -> None:
+    """A node joined through the rendezvous also has a hand-written [Peer]: a
+    plain agent with no rendezvous at all, reachable on a routed IPv6 address."""
+    lab = scenario.lab
+    open_nat = lab.add_nat("stopen", "port-restricted", ipv6="open")
+    nat_a, nat_b = lab.add_nat("sta", "port-restricted"), lab.add_nat("stb", "port-restricted")
+    ha, hb, hc = lab.add_host("sth1", nat_a), lab.add_host("sth2", nat_b), lab.add_host("sth3", open_nat)
+    a_key, c_key = keys.generate_private_key(), keys.generate_private_key()
+    c = scenario.new_node(hc, "static-c")
+    c.config.write_text(
+        f"[Interface]\nPrivateKey = {keys.encode(c_key)}\nListenPort = 51820\nAddress = 10.99.0.2/24\n\n"
+        f"[Peer]\nPublicKey = {keys.encode(keys.public_key(a_key))}\nAllowedIPs = 10.99.0.1/32\n")
+    c.load()
+    a = scenario.new_node(ha, "a")
+    a.config.write_text(  # written by hand first; `overlay join` keeps the key, address and peer
+        f"[Interface]\nPrivateKey = {keys.encode(a_key)}\nAddress = 10.99.0.1/24\n\n"
+        f"[Peer]\nPublicKey = {keys.encode(keys.public_key(c_key))}\nAllowedIPs = 10.99.0.2/32\n"
+        f"Endpoint = [{hc.ipv6}]:51820\nPersistentKeepalive = 25\n")
+    token = scenario.token("withstatic")
+    _, joined = scenario.run_join(ha, token, "a", node=a)
+    assert joined.returncode == 0, joined.stderr
+    a.load()
+    b = scenario.join(hb, token, "b")
+    try:
+        for node in (c, a, b):
+            scenario.up(node)
+        scenario.wait_ping(a, b, timeout=20)  # learned from the rendezvous
+        scenario.wait_ping(a, c, timeout=20)  # from the file
+        static = scenario.peer_status(a, c)
+        assert static is not None and static["endpoint"] == f"[{hc.ipv6}]:51820", static
+        kinds = {e["endpoint"]: e["kind"] for e in static["endpoints"]}
+        assert kinds[static["endpoint"]] == "configured", static
+        learned = scenario.peer_status(a, b)
+        assert learned is not None and learned["name"] == "b", learned
+    finally:
+        for node in (a, b, c):
+            scenario.stop(node)
 
 
 # -- IPv6-only hosts: the rendezvous is reached over IPv6 too ---------------------------------------
