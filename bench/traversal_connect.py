@@ -1,6 +1,6 @@
 """Connecting through NATs: how fast two joined nodes get a working overlay, and what it carries.
 
-    sudo .venv/bin/python bench/traversal_connect.py [--pairs full-cone--symmetric,...] [--seconds 5]
+    sudo .venv/bin/python bench/traversal_connect.py [--pairs full-cone--symmetric,...] [--seconds 5] [--coturn]
 
 On the NAT lab (real `overlay-relay` and `overlay` processes, nftables NATs),
 for every NAT pair of notes/natlab.md:
@@ -138,10 +138,15 @@ def measure_pair(lab: Lab, sc: Scenario, nats: tuple[Nat, Nat], hosts: tuple[Hos
             row.direct_s = direct_at - launched
             row.direct_mbps = iperf(hosts[0], hosts[1], b.overlay_ipv4, seconds)
             lab.blackhole(nats[0], nats[1])
+            # Traffic while the direct path dies, as a user's would be: an idle
+            # tunnel has no reason to notice, and that is not what is measured here.
+            traffic = hosts[0].ns.popen(["ping", "-n", "-q", "-i", "0.2", "-w", "40", b.overlay_ipv4],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 sc.wait_path(a, b, "relay", timeout=30)
                 row.relay_mbps = iperf(hosts[0], hosts[1], b.overlay_ipv4, seconds)
             finally:
+                stop_process(traffic)
                 lab.unblackhole(nats[0], nats[1])
         elif row.expected == "direct":
             row.note = "never direct within 30 s"
@@ -203,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pairs", help="comma-separated pair ids like full-cone--symmetric (default: all)")
     p.add_argument("--seconds", type=int, default=5, help="iperf3 duration per measurement")
+    p.add_argument("--coturn", action="store_true", help="relay through coturn (bring your own TURN)")
     args = p.parse_args(argv)
     for tool in ("iperf3", "wireguard-go", "wg", "nft", "conntrack"):
         if shutil.which(tool) is None:
@@ -219,7 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         nats = (lab.add_nat("na", "full-cone", ipv6="nat66"), lab.add_nat("nb", "full-cone", ipv6="nat66"))
         hosts = (lab.add_host("ha", nats[0]), lab.add_host("hb", nats[1]))
         sc = Scenario(lab, workdir, IFPREFIX)
-        sc.start_relay()
+        if args.coturn:
+            sc.start_coturn(secret="bench-secret")
+            turn = f"turn:{lab.relay.ipv4}:3478"  # type: ignore[union-attr]
+            sc.start_relay(port=3490, secret="bench-secret", turn_urls=[f"{turn}?transport=udp", f"{turn}?transport=tcp"])
+        else:
+            sc.start_relay()
         for n, pair in enumerate(pairs):
             row = measure_pair(lab, sc, nats, hosts, pair, args.seconds, n)
             rows.append(row)
@@ -236,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r.pair:<34} {r.expected:<7} {fmt(r.ping_s):>7} {fmt(r.direct_s):>9} {fmt(r.direct_mbps, 0):>14} "
               f"{fmt(r.relay_mbps, 0):>13}  {r.note}")
     print(f"{'wireguard-go (static endpoints, full-cone pair)':<61} {fmt(wg, 0):>14}")
-    print(f"(targets: ping < 1 s, direct < 2 s, measured from launching the second `overlay up`; "
+    print(f"(TURN: {'coturn' if args.coturn else 'overlay-relay'}; targets: ping < 1 s, direct < 2 s, measured from launching the second `overlay up`; "
           f"iperf3 {args.seconds} s TCP; logs in {workdir})")
     return 0
 

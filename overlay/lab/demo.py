@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from overlay import keys
 from overlay.config import EndpointSpec, InterfaceConfig, PeerConfig, render_config
+from overlay.control import socket_is_live
 from overlay.lab.netns import Namespace, sweep
 
 PREFIX = "ovdemo"
@@ -49,15 +49,6 @@ def _wait(pred, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def _socket_live(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 def _rtt(ping_output: str) -> str:
@@ -130,7 +121,7 @@ def run_demo(args: argparse.Namespace) -> int:
             log.close()
         for h in HOSTS:
             path = f"/var/run/wireguard/{prefix}{h}.sock"
-            _wait(lambda p=path, h=h: _socket_live(p) or procs[h].poll() is not None, 20, f"agent {h}")
+            _wait(lambda p=path, h=h: socket_is_live(p) or procs[h].poll() is not None, 20, f"agent {h}")
             if procs[h].poll() is not None:
                 raise RuntimeError(f"agent {h} exited:\n{(workdir / f'{h}.log').read_text()}")
         say(f"3. `overlay up` running in both namespaces (pids {procs['a'].pid}, {procs['b'].pid})")

@@ -115,6 +115,9 @@ class Gatherer:
         self.credentials = credentials
         self.fallback_host = fallback_host
         self.on_relay_ready = on_relay_ready
+        # Called with every interface address after each gathering (the session checks
+        # that its rendezvous connection still has its local address).
+        self.on_addresses: Callable[[list[str]], None] | None = None
         self.relay = RelayPath(agent.send_datagram, self._deliver, self._allocation_state)
         self.candidates: list[Candidate] = []
         self.host: list[Candidate] = []
@@ -215,6 +218,9 @@ class Gatherer:
         port = self.agent.listen_port
         addrs = await interface_addresses()
         self.host = host_candidates(addrs, port, exclude=self.own_addresses())
+        self._drop_stale_streams(addrs)
+        if self.on_addresses is not None:
+            self.on_addresses(addrs)
         self._publish()
         creds = self.credentials()
         urls = list(creds.urls) if creds is not None else []
@@ -231,6 +237,15 @@ class Gatherer:
                 elif alloc.ready:
                     alloc.turn.refresh(time.monotonic())  # the mapping may have changed
                     alloc.kick()
+
+    def _drop_stale_streams(self, addrs: list[str]) -> None:
+        """A TCP/TLS allocation whose local address is gone (the host moved) would only
+        notice at the next TCP timeout: give it up now and allocate again."""
+        for alloc in list(self.relay.allocations.values()):
+            local = alloc.local_address()
+            if local is not None and normalize(local)[0] not in addrs and alloc.turn.state != FAILED:
+                alloc.turn._fail(0, "local address gone", True)
+                alloc.kick()
 
     def _servers(self, family: int) -> list[TurnServer]:
         return [s for s in self.turn_servers if _family(s.address[0]) == family]

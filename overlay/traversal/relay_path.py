@@ -78,6 +78,12 @@ class Allocation:
         self.turn.start(time.monotonic())
         self.kick()
 
+    def local_address(self) -> tuple | None:
+        """The local socket address of a stream allocation (None for UDP ones)."""
+        if self._writer is None:
+            return None
+        return self._writer.get_extra_info("sockname")
+
     # -- moving bytes -------------------------------------------------------------------------
     def _write(self, data: bytes) -> None:
         if self.transport == "udp":

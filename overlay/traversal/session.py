@@ -108,6 +108,7 @@ class RendezvousSession:
         self.static_keepalive = {pc.public_key: pc.persistent_keepalive for pc in agent.config.peers}
         self.gatherer = Gatherer(agent, self._publish, lambda: self.client.turn,
                                  urlsplit(url).hostname, on_relay_ready=self._relay_ready)
+        self.gatherer.on_addresses = self._check_rendezvous_address
         self.connected = asyncio.Event()
         self.error: str | None = None
         self.assigned_addresses: list = []
@@ -320,6 +321,19 @@ class RendezvousSession:
         self._permit_all()
         for info in list(self.peers.values()):
             self._punch_if_waiting(info.key_b64)
+
+    def _check_rendezvous_address(self, addrs: list[str]) -> None:
+        """After a network change the WebSocket may sit on an address this host no longer
+        has; it would take the heartbeat (tens of seconds) to notice, and until then
+        our new candidates go nowhere. Close it: keep_connected reconnects at once and
+        publishes the candidates again."""
+        ws = getattr(self.client, "_ws", None)  # the client offers no accessor for this
+        if ws is None or ws.closed:
+            return
+        local = ws.get_extra_info("sockname")
+        if local and str(local[0]).removeprefix("::ffff:") not in addrs:
+            log.info("rendezvous connection lost its local address; reconnecting", address=str(local[0]))
+            self._spawn(ws.close())
 
     def _publish(self, cands: list[Candidate]) -> None:
         log.info("candidates", candidates=[f"{c.kind} {c.ip}:{c.port}" for c in cands])

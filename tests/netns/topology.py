@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from overlay import keys
+from overlay.control import socket_is_live
 from overlay.lab.netns import Namespace
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,16 +128,6 @@ def ep(ip: str, port: int) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _socket_live(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(0.5)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 def wait_until(pred, timeout: float, what: str, interval: float = 0.1):
@@ -174,7 +164,7 @@ class TunnelProcess:
         def ready():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.ifname} exited {self.proc.returncode}:\n{self.log()}")
-            return _socket_live(self.socket_path)
+            return socket_is_live(self.socket_path)
 
         wait_until(ready, timeout, f"{self.ifname} UAPI socket")
 

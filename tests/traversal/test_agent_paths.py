@@ -184,3 +184,28 @@ def test_hand_written_rendezvous_config_gets_its_addresses_from_the_relay(scenar
     finally:
         sc.stop(a)
         sc.stop(c)
+
+
+def test_moving_to_another_nat_regathers_and_reconnects(scenario):
+    """A node's host moves to another NAT (new LAN address, new public address): the agent
+    notices the address change, gathers and publishes new candidates, and the pair is
+    direct again without restarting anything."""
+    sc = scenario
+    na, nb, a, b = _pair(sc, "port-restricted", "port-restricted")
+    i = next(_n)
+    elsewhere = sc.lab.add_nat(f"pm{i}", "port-restricted", ipv6="nat66")
+    try:
+        _bring_up(sc, a, b)
+        sc.wait_path(a, b, "direct", timeout=10)
+        before = {e["endpoint"] for e in sc.peer_status(b, a)["endpoints"] if e["kind"] == "srflx"}
+        sc.lab.move(a.host, elsewhere)
+        moved_at = time.monotonic()
+        sc.wait_peer(b, a, lambda p: any(e["kind"] == "srflx" and e["endpoint"] not in before
+                                         for e in p["endpoints"]), 15, "learned a's new candidates")
+        sc.wait_ping(a, b, timeout=30)
+        sc.wait_path(a, b, "direct", timeout=15)
+        sc.wait_path(b, a, "direct", timeout=15)
+        print(f"\nmoved host: ping again after {time.monotonic() - moved_at:.2f} s")
+    finally:
+        sc.stop(a)
+        sc.stop(b)
