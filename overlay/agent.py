@@ -68,6 +68,9 @@ class Agent:
         self.other_datagram_handler: Callable[[bytes, tuple], None] | None = None
         # Sender for endpoint kinds other than direct (ip, port) tuples (e.g. TURN relays).
         self.endpoint_sender: Callable[[bytes, Endpoint], None] | None = None
+        # Preferred source address per routed network (rendezvous peers: our overlay
+        # address of the same network, whatever other addresses the interface has).
+        self.route_sources: dict[IPNetwork, str] = {}
         self._tun_fd: int | None = None
         self._ifindex: int | None = None
         self._udp: UdpSockets | None = None
@@ -178,7 +181,8 @@ class Agent:
                         continue
                     desired.add(net)
             try:
-                self._routes = await netlink.sync_routes(self._ifindex, desired, self._routes)
+                self._routes = await netlink.sync_routes(self._ifindex, desired, self._routes,
+                                                         self.route_sources)
             except netlink.RouteSyncError as exc:
                 self._routes = exc.installed
                 log.error("route sync incomplete", error=str(exc))

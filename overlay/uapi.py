@@ -337,4 +337,6 @@ def status_dict(agent: Any) -> dict[str, Any]:
         "listen_port": agent.listen_port,
         "pid": os.getpid(),
         "peers": peers,
+        # With a [Rendezvous] section: the connection, our published candidates, relays.
+        "rendezvous": traversal.summary() if traversal is not None else None,
     }

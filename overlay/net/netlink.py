@@ -42,8 +42,13 @@ class RouteSyncError(OSError):
         self.installed = installed
 
 
-async def sync_routes(ifindex: int, desired: set[IPNetwork], installed: set[IPNetwork]) -> set[IPNetwork]:
-    """Make the routes through `ifindex` match `desired`; returns what is installed now."""
+async def sync_routes(ifindex: int, desired: set[IPNetwork], installed: set[IPNetwork],
+                      sources: dict[IPNetwork, str] | None = None) -> set[IPNetwork]:
+    """Make the routes through `ifindex` match `desired`; returns what is installed now.
+
+    `sources` gives some routes a preferred source address: with several addresses on
+    the interface the kernel would otherwise pick the first one, which the peer may
+    not accept (its AllowedIPs for us hold only our overlay address)."""
     now_installed = set(installed)
     failures: list[str] = []
     async with AsyncIPRoute() as ipr:
@@ -54,8 +59,12 @@ async def sync_routes(ifindex: int, desired: set[IPNetwork], installed: set[IPNe
                 pass
             now_installed.discard(net)
         for net in sorted(desired - installed, key=str):
+            src = (sources or {}).get(net)
             try:
-                await ipr.route("replace", dst=str(net), oif=ifindex)
+                if src:
+                    await ipr.route("replace", dst=str(net), oif=ifindex, prefsrc=src)
+                else:
+                    await ipr.route("replace", dst=str(net), oif=ifindex)
             except Exception as exc:  # e.g. IPv6 disabled on the link: keep the others
                 failures.append(f"{net}: {exc}")
                 continue

@@ -169,10 +169,10 @@ class Gatherer:
         """Routing rule of traversal/__init__.py for non-WireGuard datagrams on the tunnel socket."""
         addr = normalize(addr)
         kind = demux.classify(data)
-        if kind == demux.STUN and self.prober is not None:
-            if self.prober.receive(data, addr, time.monotonic()):
-                self._prober_kick()
-                return
+        if kind == demux.STUN and self.prober is not None \
+                and self.prober.receive(data, addr, time.monotonic()):
+            self._prober_kick()
+            return
         if kind in (demux.STUN, demux.CHANNEL_DATA):
             self.relay.handle_udp(data, addr)
 
@@ -193,7 +193,7 @@ class Gatherer:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), REGATHER_INTERVAL)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _watch_network(self) -> None:
@@ -267,7 +267,7 @@ class Gatherer:
         if server.transport != "udp":
             try:
                 await alloc.open_stream(tls=server.transport == "tls")
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 log.info("cannot reach the relay", server=str(server.address), transport=server.transport,
                          error=str(exc))
                 alloc.turn._fail(0, f"cannot connect: {exc}", True)

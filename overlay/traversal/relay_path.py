@@ -37,7 +37,7 @@ class Allocation:
     """One TurnClient and the transport it talks over (the agent's UDP socket or a stream)."""
 
     def __init__(self, turn: TurnClient, transport: str, send_udp: Callable[[bytes, tuple], None],
-                 deliver: Callable[[bytes, RelayEndpoint], None], on_state: Callable[["Allocation"], None]):
+                 deliver: Callable[[bytes, RelayEndpoint], None], on_state: Callable[[Allocation], None]):
         self.turn = turn
         self.transport = transport  # "udp", "tcp" or "tls"
         self._send_udp = send_udp

@@ -12,9 +12,9 @@
 - hole punching: when the device starts a handshake for a rendezvous peer with no
   session, asks the rendezvous to `connect`; on a `connect` event both sides send
   to every endpoint of the other at once (paths.punch);
-- while a peer's active path is a relay, probes its direct endpoints (every
-  PROBE_INTERVAL while traffic flows, backing off to PROBE_IDLE_MAX when idle) so
-  the path moves to a direct endpoint as soon as one answers.
+- while a peer's active path is a relay, probes its direct endpoints (timing in
+  path_keeper.py) so the path moves to a direct endpoint as soon as one answers;
+  a direct path that went silent fails over to whatever answers first.
 """
 
 from __future__ import annotations
@@ -32,11 +32,17 @@ import structlog
 
 from overlay.rendezvous.client import RendezvousClient, RendezvousError
 from overlay.wireguard import paths
-from overlay.wireguard.endpoints import KIND_RELAY, Endpoint, RelayEndpoint, direct_endpoint
+from overlay.wireguard.endpoints import (
+    KIND_RELAY,
+    Endpoint,
+    RelayEndpoint,
+    direct_endpoint,
+)
 from overlay.wireguard.peer import Peer
 
 from .candidates import Candidate, parse_candidates
 from .gatherer import Gatherer
+from .path_keeper import PathKeeper
 
 log = structlog.get_logger("overlay.traversal.session")
 
@@ -46,8 +52,6 @@ CONNECT_MIN_INTERVAL = 3.0  # per peer, between our `connect` requests
 # rekey, not a lost path: no hole punching needed.
 SILENT_BEFORE_CONNECT = 10.0
 PROBE_TICK = 0.5
-PROBE_INTERVAL = 1.0
-PROBE_IDLE_MAX = 30.0
 # Seconds after a connect event when both sides send again: the first packets may
 # reach the other NAT before its own outbound packets opened it, and a handshake
 # in flight is only retransmitted by WireGuard after 5 s.
@@ -80,8 +84,14 @@ def candidate_endpoints(cands: list[Candidate], own_relay_servers: list[tuple[st
 
 
 class _PeerInfo:
-    __slots__ = ("key_b64", "name", "overlay_ips", "networks", "candidates", "last_connect",
-                 "probe_interval", "next_probe", "last_bytes", "path")
+    __slots__ = (
+        "candidates",
+        "key_b64",
+        "last_connect",
+        "name",
+        "networks",
+        "overlay_ips",
+    )
 
     def __init__(self, key_b64: str):
         self.key_b64 = key_b64
@@ -90,10 +100,6 @@ class _PeerInfo:
         self.networks: set[str] = set()
         self.candidates: list[Candidate] = []
         self.last_connect = -1e18
-        self.probe_interval = PROBE_INTERVAL
-        self.next_probe = 0.0
-        self.last_bytes = (0, 0)
-        self.path: str | None = None  # last logged
 
 
 class RendezvousSession:
@@ -104,6 +110,7 @@ class RendezvousSession:
         self.client = RendezvousClient(url, agent.device.private_key, name=name or socket.gethostname())
         self.client.on_event = self._on_event
         self.peers: dict[bytes, _PeerInfo] = {}
+        self.keeper = PathKeeper()
         self.static_keys = {pc.public_key for pc in agent.config.peers}
         self.static_keepalive = {pc.public_key: pc.persistent_keepalive for pc in agent.config.peers}
         self.gatherer = Gatherer(agent, self._publish, lambda: self.client.turn,
@@ -145,12 +152,23 @@ class RendezvousSession:
 
     async def _run(self) -> None:
         watcher = self._spawn(self._on_connected_loop())
+        token = self.token
         try:
-            await self.client.keep_connected(token=self.token, connected=self.connected)
-            log.warning("removed from every network by the operator; no rendezvous peers left")
-        except RendezvousError as exc:
-            self.error = str(exc)
-            log.error("rendezvous refused this node", url=self.url, error=str(exc))
+            while True:
+                try:
+                    await self.client.keep_connected(token=token, connected=self.connected)
+                    log.warning("removed from every network by the operator; no rendezvous peers left")
+                    return
+                except RendezvousError as exc:
+                    if exc.code == "join_refused" and token is not None:
+                        # A Token line left in the config after joining: the token may be
+                        # spent or expired by now, while the key is a member already.
+                        log.info("join token refused; logging in with the key alone", error=str(exc))
+                        token = None
+                        continue
+                    self.error = str(exc)
+                    log.error("rendezvous refused this node", url=self.url, error=str(exc))
+                    return
         finally:
             watcher.cancel()
 
@@ -252,6 +270,7 @@ class RendezvousSession:
                 changed = True
             info.overlay_ips = ips
             peer.crossing_tiebreak = True
+            self._route_sources(network, nets)
             if new_peer or cands != info.candidates:
                 info.candidates = cands
                 self._set_endpoints(peer, info)
@@ -269,15 +288,28 @@ class RendezvousSession:
             self._punch_if_waiting(key_b64)
 
     def _punch_if_waiting(self, key_b64: str) -> None:
-        """New endpoints for a peer we have no session with yet: try them at once
-        (only while a handshake is in flight; the connect exchange started it)."""
+        """New endpoints for a peer we have no session with yet: try them at once. (If
+        the peer sits behind a UDP-blocked NAT, its relayed address only lets us in
+        after we sent to it: waiting for its initiation would wait for nothing.)"""
         key = self._key(key_b64)
         peer = self.agent.device.peers.get(key) if key else None
-        if peer is None or peer.handshake is None:
+        if peer is None or not peer.endpoints:
             return
         if self.agent.device._usable_send_keypair(peer, time.monotonic()) is not None:
             return
         self._punch(key_b64, first=False)
+
+    def _route_sources(self, network: str, nets: list) -> None:
+        """Routes to a peer's overlay addresses prefer our own overlay address of that
+        network as source (the interface may have other addresses, e.g. from [Interface])."""
+        mine = self.client.memberships.get(network)
+        if mine is None:
+            return
+        on_link = {str(a.ip) for a in self.agent.config.addresses} | {str(a.ip) for a in self.assigned_addresses}
+        for net in nets:
+            ip = mine.ipv4 if net.version == 4 else mine.ipv6
+            if ip and ip in on_link:  # a source not (yet) on the interface makes the route fail
+                self.agent.route_sources[net] = ip
 
     def _set_endpoints(self, peer: Peer, info: _PeerInfo) -> None:
         allocs = self.gatherer.relay.ready()
@@ -294,6 +326,9 @@ class RendezvousSession:
         if info.networks:
             return
         del self.peers[key]
+        self.keeper.forget(key)
+        for ip in info.overlay_ips:
+            self.agent.route_sources.pop(ipaddress.ip_network(ip), None)
         if key in self.static_keys:
             peer = self.agent.device.peers.get(key)
             if peer is not None:
@@ -377,8 +412,7 @@ class RendezvousSession:
                 and self.agent.device._usable_send_keypair(peer, now) is not None:
             return  # already through
         info.last_connect = now  # the connect we asked for (or the peer did) is this one
-        info.probe_interval = PROBE_INTERVAL
-        info.next_probe = now + PROBE_INTERVAL
+        self.keeper.reset(key, now)
         self._punching = True
         try:
             out = paths.punch(self.agent.device, peer, now)
@@ -393,36 +427,14 @@ class RendezvousSession:
         while True:
             await asyncio.sleep(PROBE_TICK)
             now = time.monotonic()
-            out = []
-            for key, info in self.peers.items():
-                peer = self.agent.device.peers.get(key)
-                path = paths.path_of(peer) if peer is not None else None
-                if path != info.path and peer is not None and peer.current is not None:
-                    log.info("path", peer=info.name, path=path, endpoint=str(peer.active_endpoint))
-                    info.path = path
-                if peer is None:
-                    continue
-                if path == paths.PATH_DIRECT:
-                    if paths.active_looks_dead(peer, now) and now >= info.next_probe:
-                        # Failover: every endpoint, relays included; the first pong wins.
-                        out.extend(self.agent.device.probe(peer, peer.endpoints, now))
-                        info.next_probe = now + PROBE_INTERVAL
-                    continue
-                if path != paths.PATH_RELAY:
-                    continue
-                counters = (peer.rx_bytes + peer.tx_bytes - peer.probe_bytes, 0)
-                if counters != info.last_bytes:
-                    info.last_bytes = counters
-                    info.probe_interval = PROBE_INTERVAL  # traffic flows: probe at full rate
-                if now < info.next_probe:
-                    continue
-                targets = paths.direct_endpoints(peer)
-                if targets:
-                    out.extend(self.agent.device.probe(peer, targets, now))
-                info.next_probe = now + info.probe_interval
-                info.probe_interval = min(PROBE_IDLE_MAX, info.probe_interval * 2)
+            out, changes = self.keeper.tick(self.agent.device, list(self.peers), now)
             if out:
                 self.agent.send_device_output(out)
+            for key, path in changes:
+                info = self.peers.get(key)
+                peer = self.agent.device.peers.get(key)
+                if info is not None and peer is not None:
+                    log.info("path", peer=info.name, path=path, endpoint=str(peer.active_endpoint))
             if now - last_turn_check > 30:
                 last_turn_check = now
                 self._maybe_refresh_turn()
@@ -438,12 +450,27 @@ class RendezvousSession:
         self._refreshing_turn = True
         try:
             await self.client.refresh_turn()
-        except (RendezvousError, asyncio.TimeoutError):
+        except (TimeoutError, RendezvousError):
             pass
         finally:
             self._refreshing_turn = False
 
     # -- status ---------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """The node's side of traversal for `overlay status --json`."""
+        return {
+            "url": self.url,
+            "connected": self.client.connected,
+            "error": self.error,
+            "addresses": [str(a) for a in self.assigned_addresses],
+            "candidates": [c.to_dict() for c in self.gatherer.candidates],
+            "relays": [{"server": f"{a.server[0]}:{a.server[1]}", "transport": a.transport,
+                        "state": a.turn.state,
+                        "relayed": None if a.turn.relayed_address is None
+                        else f"{a.turn.relayed_address[0]}:{a.turn.relayed_address[1]}"}
+                       for a in self.gatherer.relay.allocations.values()],
+        }
+
     def peer_info(self, key: bytes) -> tuple[str, list[str]] | None:
         info = self.peers.get(key)
         return (info.name, list(info.overlay_ips)) if info is not None else None

@@ -112,8 +112,16 @@ class EndpointSet:
     by MAX_CANDIDATE_ENDPOINTS.
     """
 
-    __slots__ = ("configured", "candidates", "learned", "active", "max_learned", "failed_at",
-                 "kinds", "heard")
+    __slots__ = (
+        "active",
+        "candidates",
+        "configured",
+        "failed_at",
+        "heard",
+        "kinds",
+        "learned",
+        "max_learned",
+    )
 
     def __init__(self, max_learned: int = MAX_LEARNED_ENDPOINTS):
         self.configured: list[Endpoint] = []

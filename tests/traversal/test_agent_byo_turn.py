@@ -57,7 +57,7 @@ def test_symmetric_pair_relays_through_coturn(scenario):
         # While the nodes are up and relaying, overlay-relay's own TURN server holds no allocation.
         health = sc.lab.relay.ns.run(sys.executable, "-c", (
             "import json, urllib.request, sys; "
-            f"print(json.load(urllib.request.urlopen(sys.argv[1] + '/healthz', timeout=5))['allocations'])"),
+            "print(json.load(urllib.request.urlopen(sys.argv[1] + '/healthz', timeout=5))['allocations'])"),
             sc.relay.http_url).stdout.strip()
         assert health == "0", health
     finally:

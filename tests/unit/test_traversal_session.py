@@ -20,7 +20,11 @@ from overlay.config import EndpointSpec, InterfaceConfig, PeerConfig
 from overlay.rendezvous.client import Peer as RvPeer
 from overlay.rendezvous.client import RendezvousClient
 from overlay.traversal.candidates import Candidate
-from overlay.traversal.session import AUTO_KEEPALIVE, RendezvousSession, candidate_endpoints
+from overlay.traversal.session import (
+    AUTO_KEEPALIVE,
+    RendezvousSession,
+    candidate_endpoints,
+)
 from overlay.wireguard import paths
 from overlay.wireguard.endpoints import RelayEndpoint
 
@@ -39,6 +43,7 @@ class FakeAgent:
         self.endpoint_sender = None
         self.sent: list = []
         self.changes = 0
+        self.route_sources: dict = {}
 
     def changed(self) -> None:
         self.changes += 1
@@ -201,3 +206,39 @@ def test_path_follows_the_kind_of_the_active_endpoint(active, expected):
     peer.endpoint_set.confirm(active)
     assert paths.path_of(peer) == expected
     assert uapi.status_dict(agent)["peers"][0]["path"] == expected
+
+
+def test_status_shows_the_rendezvous_side():
+    session, agent = make_session()
+    doc = uapi.status_dict(agent)["rendezvous"]
+    assert doc["url"] == "http://203.0.113.10:8080" and doc["connected"] is False
+    assert doc["candidates"] == [] and doc["relays"] == [] and doc["error"] is None
+    session.gatherer.host = [Candidate("host", "10.2.0.10", 51820)]
+    session.gatherer._publish = lambda: None
+    session.gatherer.candidates = session.gatherer.current()
+    assert uapi.status_dict(agent)["rendezvous"]["candidates"] == [{"type": "host", "ip": "10.2.0.10", "port": 51820}]
+
+
+def test_human_status_names_the_path_and_endpoint_kinds():
+    from overlay.cli import format_status
+
+    session, agent = make_session()
+    push_peers(session, other())
+    agent.device.peers[OTHER].endpoint_set.confirm(("203.0.113.10", 50000))
+    text = format_status(uapi.status_dict(agent))
+    assert "name: bob (100.64.0.2, fd00::2)" in text and "path: relay" in text
+    assert "203.0.113.10:50000 (relay, active)" in text and "10.2.0.10:40002 (host, trying)" in text
+
+
+def test_routes_to_peers_prefer_our_overlay_address_as_source():
+    from overlay.rendezvous.client import Membership
+
+    session, agent = make_session()
+    agent.config.addresses = [ipaddress.ip_interface("10.99.0.1/24"), ipaddress.ip_interface("100.64.0.1/24"),
+                              ipaddress.ip_interface("fd00::1/64")]
+    session.client.memberships["net1"] = Membership("net1", "me", "100.64.0.1", "fd00::1")
+    push_peers(session, other())
+    assert agent.route_sources == {ipaddress.ip_network("100.64.0.2/32"): "100.64.0.1",
+                                   ipaddress.ip_network("fd00::2/128"): "fd00::1"}
+    session._on_event({"type": "peer_removed", "network": "net1", "public_key": b64(OTHER)})
+    assert agent.route_sources == {}
