@@ -88,6 +88,10 @@ _V6TCP = struct.Struct("!4sHBB32sIIIBB")  # ver/tc/flow, payload len, next heade
 
 def coalesce(packets: list[bytes]) -> list[bytes]:
     """Buffers to write to a VNET_HDR TUN: merged TCP bursts and single packets."""
+    if len(packets) == 1:
+        # A lone packet (a ping, a TCP ACK) has nothing to merge with: skip the
+        # header parsing, it is pure latency here.
+        return [ZERO_HDR + packets[0]]
     out: list[bytes] = []
     append = out.append
     v4_unpack = _V4TCP.unpack_from

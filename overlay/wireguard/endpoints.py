@@ -170,6 +170,7 @@ class EndpointSet:
         """
         new: list[Endpoint] = []
         kinds: dict[Endpoint, str] = {}
+        old_active_kind = self.kinds.get(self.active) if self.active is not None else None
         for e, kind in endpoints:
             e = normalize(e)
             if e in kinds:
@@ -178,6 +179,10 @@ class EndpointSet:
                 break
             new.append(e)
             kinds[e] = kind
+        if old_active_kind is not None and self.active not in kinds:
+            # The active endpoint stays (see above) and keeps its kind, so a path
+            # through a relay is still shown, and handled, as one.
+            kinds[self.active] = old_active_kind
         self.candidates = new
         self.kinds = kinds
         self.learned = [e for e in self.learned if e not in kinds]

@@ -3,6 +3,8 @@ test_wg_paths (A and B behind NATs, B's TURN allocation, a blockable direct path
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from overlay.traversal.path_keeper import PROBE_IDLE_MAX, PROBE_INTERVAL, PathKeeper
 from overlay.wireguard import paths
 
@@ -27,7 +29,9 @@ def probe_times(w: World, keeper: PathKeeper, start: float, end: float, traffic:
             w.ping_a_to_b(t)
         out, _ = keeper.tick(w.a, [w.b.public_key], t)
         if out:
-            assert {d for _, d in out} == {B_D}  # only the direct endpoints
+            # Pings to the direct endpoints only (past 120 s a ping, like any packet
+            # the initiator sends, also starts WireGuard's rekey: not counted here).
+            assert {d for m, d in out if m[0] == 4} == {B_D}
             times.append(round(t, 1))
             w.send(w.a, out, t)
         t += 0.5
@@ -37,7 +41,7 @@ def probe_times(w: World, keeper: PathKeeper, start: float, end: float, traffic:
 def test_relayed_peer_is_probed_every_second_while_traffic_flows():
     w = relayed_world()
     times = probe_times(w, PathKeeper(), 2.0, 8.0, traffic=True)
-    gaps = {round(b - a, 1) for a, b in zip(times, times[1:])}
+    gaps = {round(b - a, 1) for a, b in pairwise(times)}
     assert gaps == {PROBE_INTERVAL} and len(times) == 6
 
 
@@ -45,7 +49,7 @@ def test_idle_relayed_peer_backs_off_and_a_connect_event_resets():
     w = relayed_world()
     keeper = PathKeeper()
     times = probe_times(w, keeper, 2.0, 200.0, traffic=False)
-    gaps = [round(b - a, 1) for a, b in zip(times, times[1:])]
+    gaps = [round(b - a, 1) for a, b in pairwise(times)]
     assert gaps[:5] == [1.0, 2.0, 4.0, 8.0, 16.0] and max(gaps) == PROBE_IDLE_MAX
     keeper.reset(w.b.public_key, 200.0)
     again = probe_times(w, keeper, 200.0, 204.0, traffic=False)

@@ -92,3 +92,13 @@ def test_size_limit_respected():
     assert len(out) == 2
     assert all(len(b) - offload.VNET_HDR_LEN <= 65535 for b in out)
     assert sum(len(b) - offload.VNET_HDR_LEN - 40 for b in out) == 60 * 1400
+
+
+def test_lone_packet_is_written_as_is_with_a_zero_header():
+    # The single-packet fast path (pings, lone ACKs) must give what the general
+    # path gives: the packet unchanged behind an all-zero virtio-net header.
+    icmp = bytes.fromhex("4500001c0000400040010000") + bytes(16)
+    for pkt in (tcp4(1000, b"x" * 100), tcp6(5, b"y" * 10), icmp):
+        out = offload.coalesce([pkt])
+        assert out == [offload.ZERO_HDR + pkt]
+        assert out == offload.coalesce([pkt, icmp])[:1]

@@ -284,3 +284,12 @@ def test_a_quiet_but_working_direct_path_is_not_given_up():
     w.ping_b_to_a(1.01)
     # Nothing sent for a long while: silence alone is not a dead path.
     assert not paths.active_looks_dead(w.pa, 100.0)
+
+
+def test_an_active_relay_endpoint_dropped_from_the_candidates_is_still_a_relay_path():
+    eset = EndpointSet()
+    eset.set_candidates([(B_D, "srflx"), (R_B, "relay")])
+    eset.confirm(R_B)
+    eset.set_candidates([(B_D, "srflx"), (("203.0.113.10", 50001), "relay")])  # a new allocation
+    assert eset.active == R_B and eset.is_relayed(R_B) and eset.kind_of(R_B) == "relay"
+    assert R_B not in eset.all()

@@ -67,3 +67,23 @@ def test_same_port_on_both_families():
         s4.close()
         if s6 is not None:
             s6.close()
+
+
+def test_lone_datagrams_are_demuxed_and_empty_ones_dropped():
+    # Datagrams sent one by one arrive without a GRO batch (the fast path of
+    # drain); an empty datagram must not reach either handler.
+    s4, s6, port = bind_pair(None)
+    rx = UdpSockets(s4, s6, port)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        wg = bytes([1, 0, 0, 0]) + b"w" * 144
+        stun = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + bytes(12)
+        for m in (wg, b"", stun, b"\x04\x00"):
+            tx.sendto(m, ("127.0.0.1", port))
+        got_wg, got_other = _drain_all(rx, rx.s4, 3)
+        assert [bytes(d) for d, _ in got_wg] == [wg]
+        assert [bytes(d) for d, _ in got_other] == [stun, b"\x04\x00"]
+        assert got_wg[0][1] == ("127.0.0.1", tx.getsockname()[1])
+    finally:
+        rx.close()
+        tx.close()
