@@ -45,7 +45,51 @@ def ipv4_udp(src: str, dst: str, sport: int, dport: int, payload: bytes) -> byte
     return bytes(hdr) + struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
 
 
-async def drive(packets: int, gap: float = 0.0) -> None:
+async def bursts(agent, b_dev, b_sock, app, app_port: int, burst: int, rounds: int) -> None:
+    """The throughput shape: `burst` full-size packets per callback, each way.
+    B's datagrams go out as one UDP GSO send, so the agent reads them as one
+    GRO batch, as it does under iperf3."""
+    from overlay.net.udp import UdpSockets
+
+    pc = time.perf_counter_ns
+    b_udp = UdpSockets(b_sock, None, b_sock.getsockname()[1])
+    payload = bytes(1420 - 28)
+    inner = ipv4_udp(B_TUN, A_TUN, 9, app_port, payload)
+    sock4 = agent._udp.s4
+    app.setblocking(False)
+    b_sock.setblocking(False)
+    t_out: list[int] = []
+    t_in: list[int] = []
+    for _ in range(rounds):
+        for _ in range(burst):
+            app.sendto(payload, (B_TUN, 9))
+        t0 = pc()
+        agent._on_tun_readable()
+        t_out.append(pc() - t0)
+        time.sleep(0.002)
+        while True:  # B's socket: discard what arrived
+            try:
+                b_sock.recv(65535)
+            except BlockingIOError:
+                break
+        out = b_dev.tun_packets([inner] * burst, time.monotonic())
+        b_udp.send_batch(out, lambda ep, err: None)
+        time.sleep(0.002)
+        t0 = pc()
+        agent._on_socket_readable(sock4)
+        t_in.append(pc() - t0)
+        while True:
+            try:
+                app.recv(65535)
+            except BlockingIOError:
+                break
+    for name, vals in ((f"burst of {burst}: TUN -> UDP, per packet", t_out),
+                       (f"burst of {burst}: UDP -> TUN, per packet", t_in)):
+        print(f"{name:38} median {statistics.median(vals) / burst / 1000:7.2f} us   "
+              f"min {min(vals) / burst / 1000:7.2f} us")
+
+
+async def drive(packets: int, gap: float = 0.0, burst: int = 0) -> None:
     from overlay.agent import Agent
     from overlay.config import EndpointSpec, InterfaceConfig, PeerConfig
     from overlay.wireguard.device import Device
@@ -111,6 +155,8 @@ async def drive(packets: int, gap: float = 0.0) -> None:
             vals.sort()
             print(f"{name:38} median {statistics.median(vals) / 1000:7.1f} us   "
                   f"p10 {vals[len(vals) // 10] / 1000:7.1f} us")
+        if burst:
+            await bursts(agent, b_dev, b_sock, app, app_port, burst, max(packets // 10, 20))
     finally:
         await agent.stop()
 
@@ -120,10 +166,12 @@ def main() -> int:
     p.add_argument("--packets", type=int, default=3000)
     p.add_argument("--gap", type=float, default=0.0,
                    help="seconds to sleep between packets (0.02 = cold caches, as with ping)")
+    p.add_argument("--burst", type=int, default=32,
+                   help="also time bursts of this many full-size packets (0 = no)")
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.inside:
-        asyncio.run(drive(args.packets, args.gap))
+        asyncio.run(drive(args.packets, args.gap, args.burst))
         return 0
     ns = Namespace(f"ovlat{os.getpid()}")
     ns.create()
@@ -131,7 +179,8 @@ def main() -> int:
         ns.run("ip", "link", "set", "lo", "up")
         env = dict(os.environ, PYTHONPATH=str(REPO))
         r = subprocess.run(ns.argv([sys.executable, __file__, "--inside", "--packets",
-                                    str(args.packets), "--gap", str(args.gap)]), env=env)
+                                    str(args.packets), "--gap", str(args.gap),
+                                    "--burst", str(args.burst)]), check=False, env=env)
         return r.returncode
     finally:
         ns.delete()

@@ -208,7 +208,10 @@ class Agent:
         if udp is None or not items:
             return
         direct = items
-        if self.endpoint_sender is not None or any(type(e) is not tuple for _, e in items):
+        # Split only when the batch holds other endpoint kinds (relays): with a
+        # relay configured (endpoint_sender set), direct bursts used to be
+        # filtered item by item anyway.
+        if any(type(e) is not tuple for _, e in items):
             direct = [it for it in items if type(it[1]) is tuple]
             for data, ep in items:
                 if type(ep) is not tuple and self.endpoint_sender is not None:

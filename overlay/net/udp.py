@@ -125,17 +125,17 @@ class UdpSockets:
         recvmsg = sock.recvmsg
         wg_append = wireguard.append
         for i in range(max_calls):
+            if i == 1 and not self._pollers[sock](0):
+                # Nothing more queued (a lone packet, e.g. a ping): poll() says so
+                # more cheaply than the failing recvmsg that would end the loop
+                # (an EAGAIN OSError costs several microseconds).
+                break
             try:
                 buf, ancdata, _flags, addr = recvmsg(RECV_BUFFER, anc)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 continue  # e.g. an ICMP error queued on the socket
-            if not i and not self._pollers[sock](0):
-                # Nothing more queued (a lone packet, e.g. a ping): poll() says so
-                # more cheaply than the failing recvmsg that would end the loop
-                # (an EAGAIN OSError costs several microseconds).
-                max_calls = 0
             n = len(buf)
             if not n:
                 continue
