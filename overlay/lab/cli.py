@@ -166,7 +166,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 def _print_status(s: dict[str, Any]) -> None:
     print(f"lab {s['prefix']}: internet 203.0.113.0/24, 2001:db8:1::/64")
     if s["relay"]:
-        print(f"  relay      203.0.113.10 203.0.113.11 2001:db8:1::10 2001:db8:1::11"
+        print("  relay      203.0.113.10 203.0.113.11 2001:db8:1::10 2001:db8:1::11"
               + ("   [OFFLINE]" if s["relay_offline"] else ""))
     for n in s["nats"]:
         b = n["behaviour"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import random
 import struct
 import time
 from collections import deque
@@ -250,6 +251,11 @@ class Device:
                 return idx
 
     def _jitter(self) -> float:
+        if self._rng is os.urandom:
+            # Timer jitter needs no secrecy, and it is drawn for nearly every lone
+            # packet sent (a ping): random() spares the getrandom syscall. An
+            # injected rng (tests) is still used, so runs stay reproducible.
+            return random.random() * REKEY_TIMEOUT_JITTER_MAX
         return _U32.unpack(self._rng(4))[0] / 2**32 * REKEY_TIMEOUT_JITTER_MAX
 
     # ------------------------------------------------------------- handshakes

@@ -4,7 +4,7 @@ import errno
 
 from overlay.wireguard.constants import MSG_INITIATION, MSG_RESPONSE, MSG_TRANSPORT
 from overlay.wireguard.endpoints import EndpointSet, direct_endpoint, from_sockaddr
-from tests.unit.wg_helpers import A1, B1, B2, B3, Net, handshake, ip4, make_device, net, pair
+from tests.unit.wg_helpers import A1, B1, B2, B3, handshake, ip4, make_device, pair
 
 DATA_A = ip4("10.0.0.1", "10.0.0.2")
 DATA_B = ip4("10.0.0.2", "10.0.0.1")

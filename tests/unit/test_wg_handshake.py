@@ -3,7 +3,7 @@
 import base64
 
 from overlay.wireguard.constants import MSG_COOKIE_REPLY, MSG_INITIATION, MSG_RESPONSE, REKEY_TIMEOUT
-from tests.unit.wg_helpers import A1, B1, Net, handshake, ip4, ip6, make_device, net, pair
+from tests.unit.wg_helpers import A1, B1, handshake, ip4, ip6, make_device, net, pair
 
 
 def test_handshake_initiated_by_a_then_data_both_ways():
