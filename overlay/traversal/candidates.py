@@ -146,8 +146,12 @@ async def network_changes(netns: str | None = None) -> AsyncIterator[str]:
     since one change often arrives as a burst of events.
     """
     from pyroute2 import AsyncIPRoute
-    from pyroute2.netlink.rtnl import (RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR,
-                                       RTMGRP_IPV6_ROUTE)
+    from pyroute2.netlink.rtnl import (
+        RTMGRP_IPV4_IFADDR,
+        RTMGRP_IPV4_ROUTE,
+        RTMGRP_IPV6_IFADDR,
+        RTMGRP_IPV6_ROUTE,
+    )
 
     ipr = AsyncIPRoute(netns=netns) if netns else AsyncIPRoute()
     try:

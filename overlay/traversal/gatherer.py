@@ -32,6 +32,7 @@ from . import demux
 from .candidates import Candidate, host_candidates, interface_addresses, network_changes
 from .relay_path import Allocation, RelayPath
 from .stun_probe import StunProber, normalize
+from .tasks import BackgroundTasks
 from .turn_client import ALLOCATING, FAILED, READY, retry_delay
 
 log = structlog.get_logger("overlay.traversal.gatherer")
@@ -127,7 +128,7 @@ class Gatherer:
         self.turn_servers: list[TurnServer] = []
         self._failures: dict[int, int] = {}  # family -> consecutive allocation failures
         self._transport_index: dict[int, int] = {}  # family -> index into that family's TURN servers
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = BackgroundTasks("gathering")
         self._wake = asyncio.Event()
         self._closed = False
 
@@ -135,13 +136,12 @@ class Gatherer:
     def start(self) -> None:
         self.agent.other_datagram_handler = self.on_datagram
         self.agent.endpoint_sender = self._send_relayed
-        self._spawn(self._loop())
-        self._spawn(self._watch_network())
+        self._tasks.spawn(self._loop())
+        self._tasks.spawn(self._watch_network())
 
     def close(self) -> None:
         self._closed = True
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel_all()
         if self._prober_timer is not None:
             self._prober_timer.cancel()
         self.relay.close()
@@ -152,17 +152,6 @@ class Gatherer:
 
     def regather(self) -> None:
         self._wake.set()
-
-    def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("gathering task failed", error=repr(task.exception()))
 
     # -- the socket ---------------------------------------------------------------------------------
     def on_datagram(self, data: bytes, addr: tuple) -> None:
@@ -315,7 +304,7 @@ class Gatherer:
                 delay = retry_delay(max(attempt, 4))
             else:
                 delay = retry_delay(attempt)
-            self._spawn(self._allocate_later(family, delay))
+            self._tasks.spawn(self._allocate_later(family, delay))
 
     async def _allocate_later(self, family: int, delay: float) -> None:
         await asyncio.sleep(delay)

@@ -43,6 +43,7 @@ from overlay.wireguard.peer import Peer
 from .candidates import Candidate, parse_candidates
 from .gatherer import Gatherer
 from .path_keeper import PathKeeper
+from .tasks import BackgroundTasks
 
 log = structlog.get_logger("overlay.traversal.session")
 
@@ -119,7 +120,7 @@ class RendezvousSession:
         self.connected = asyncio.Event()
         self.error: str | None = None
         self.assigned_addresses: list = []
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = BackgroundTasks("rendezvous")
         self._punching = False
         self._refreshing_turn = False
 
@@ -128,30 +129,18 @@ class RendezvousSession:
         self.agent.traversal = self
         self.agent.device.on_new_handshake = self._on_new_handshake
         self.gatherer.start()
-        self._spawn(self._run())
-        self._spawn(self._probe_loop())
+        self._tasks.spawn(self._run())
+        self._tasks.spawn(self._probe_loop())
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel_all()
         self.gatherer.close()
         if self.agent.device.on_new_handshake == self._on_new_handshake:
             self.agent.device.on_new_handshake = None
         await self.client.close()
 
-    def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("rendezvous task failed", error=repr(task.exception()))
-
     async def _run(self) -> None:
-        watcher = self._spawn(self._on_connected_loop())
+        watcher = self._tasks.spawn(self._on_connected_loop())
         token = self.token
         try:
             while True:
@@ -368,11 +357,11 @@ class RendezvousSession:
         local = ws.get_extra_info("sockname")
         if local and str(local[0]).removeprefix("::ffff:") not in addrs:
             log.info("rendezvous connection lost its local address; reconnecting", address=str(local[0]))
-            self._spawn(ws.close())
+            self._tasks.spawn(ws.close())
 
     def _publish(self, cands: list[Candidate]) -> None:
         log.info("candidates", candidates=[f"{c.kind} {c.ip}:{c.port}" for c in cands])
-        self._spawn(self._publish_async([c.to_dict() for c in cands]))
+        self._tasks.spawn(self._publish_async([c.to_dict() for c in cands]))
 
     async def _publish_async(self, cands: list[dict]) -> None:
         try:
@@ -393,7 +382,7 @@ class RendezvousSession:
             return
         info.last_connect = now
         network = next(iter(info.networks))
-        self._spawn(self._request_connect(network, info.key_b64))
+        self._tasks.spawn(self._request_connect(network, info.key_b64))
 
     async def _request_connect(self, network: str, key_b64: str) -> None:
         try:
@@ -444,7 +433,7 @@ class RendezvousSession:
         if creds is None or self._refreshing_turn or not self.client.connected:
             return
         if creds.expires - time.time() < TURN_REFRESH_MARGIN:
-            self._spawn(self._refresh_turn())
+            self._tasks.spawn(self._refresh_turn())
 
     async def _refresh_turn(self) -> None:
         self._refreshing_turn = True

@@ -302,15 +302,30 @@ class Device:
             times.popleft()
         return len(times) > self.under_load_threshold
 
-    def _handle_initiation(self, data: bytes, src: Endpoint, now: float, out: Datagrams) -> None:
-        if not self.has_private_key or not self._cookies.check_mac1(data, INITIATION_MAC1_OFFSET):
+    def _admit_handshake(self, data: bytes, mac1_offset: int, src: Endpoint,
+                         now: float) -> tuple[bytes, bool] | None:
+        """MAC1, then under load the per-source limit: (message bytes, under load) or None (dropped).
+
+        Both checks are cheap and come before any DH, so a flood of forged or
+        unwanted handshakes costs a hash each, not a scalar multiplication.
+        """
+        if not self._cookies.check_mac1(data, mac1_offset):
             self.dropped += 1
-            return
-        data = bytes(data)
+            return None
         under_load = self._is_under_load(now)
         if under_load and not self.source_limiter.allow(src, now):
             self.dropped += 1
+            return None
+        return bytes(data), under_load
+
+    def _handle_initiation(self, data: bytes, src: Endpoint, now: float, out: Datagrams) -> None:
+        if not self.has_private_key:
+            self.dropped += 1
             return
+        admitted = self._admit_handshake(data, INITIATION_MAC1_OFFSET, src, now)
+        if admitted is None:
+            return
+        data, under_load = admitted
         # A byte-identical copy of the initiation we answered last: with happy
         # eyeballs the initiator sends one initiation to several of our
         # addresses. Each copy is answered on its own path, with the SAME
@@ -386,14 +401,10 @@ class Device:
         return peer.static_static if peer is not None else None
 
     def _handle_response(self, data: bytes, src: Endpoint, now: float, out: Datagrams) -> None:
-        if not self._cookies.check_mac1(data, RESPONSE_MAC1_OFFSET):
-            self.dropped += 1
+        admitted = self._admit_handshake(data, RESPONSE_MAC1_OFFSET, src, now)
+        if admitted is None:
             return
-        data = bytes(data)
-        under_load = self._is_under_load(now)
-        if under_load and not self.source_limiter.allow(src, now):
-            self.dropped += 1
-            return
+        data, under_load = admitted
         receiver = _U32.unpack_from(data, 8)[0]
         peer = self._indices.get(receiver)
         if not isinstance(peer, Peer) or peer.handshake is None \
