@@ -344,12 +344,14 @@ def cmd_join(args: argparse.Namespace) -> int:
 
     try:
         result = asyncio.run(join.join(args.url, args.token, args.config, name=args.name, force=args.force,
-                                       timeout=args.timeout))
+                                       timeout=args.timeout, server_key=args.server_key))
     except join.JoinError as e:
         raise UserError(f"join: {e}") from None
     networks = ", ".join(m.network for m in result.memberships)
     addresses = ", ".join(str(a) for a in result.addresses)
     print(f"joined {networks} as {result.name} ({result.public_key}): {addresses}")
+    if result.server_key is not None:
+        print(f"rendezvous server key {result.server_key} (pinned in {result.path})")
     print(f"wrote {result.path}; start the tunnel with: {PROG} up {result.path}")
     return 0
 
@@ -383,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--name", help="this node's name in the network (default: the host name)")
     j.add_argument("--force", action="store_true", help="re-join an existing file at a different rendezvous URL")
     j.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the relay (default 15)")
+    j.add_argument("--server-key", metavar="B64",
+                   help="the relay's rendezvous key (`overlay-relay server-key`); refuse to join if it differs")
     j.set_defaults(func=cmd_join)
 
     s = sub.add_parser("status", help="show running interfaces, their peers and endpoints")

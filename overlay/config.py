@@ -46,13 +46,18 @@ class RendezvousConfig:
     """The `[Rendezvous]` section: which relay tells this node about its network.
 
     `token` is only needed for the first join (it is spent then); `name` is how
-    the node appears to others, None meaning "use the host name".
+    the node appears to others, None meaning "use the host name". `server_key`
+    (`ServerKey`, written by `overlay join`) is the rendezvous server's X25519
+    public key, pinned like an SSH host key: a server announcing another key is
+    refused. Without it (a hand-written config) the agent trusts the key it sees
+    at the first login and logs it so the user can pin it.
     """
 
     url: str
     # repr=False: a join token is a secret until it is spent.
     token: str | None = field(default=None, repr=False)
     name: str | None = None
+    server_key: bytes | None = None  # 32 raw bytes; public, safe to show
 
 
 @dataclass
@@ -204,6 +209,11 @@ def parse_token(value: str) -> str:
     return value
 
 
+def parse_server_key(value: str) -> bytes:
+    """A rendezvous server key as `overlay-relay server-key` prints it (base64, 32 bytes)."""
+    return _parse_key(value.strip(), "server key")
+
+
 def parse_node_name(value: str) -> str:
     if not value or len(value) > MAX_NODE_NAME or not value.isprintable():
         raise ValueError(f"bad name {value!r}: 1-{MAX_NODE_NAME} printable characters")
@@ -231,6 +241,7 @@ class _Parser:
         self.rendezvous_line: int | None = None
         self.rendezvous: dict[str, str] = {}  # lower-case key -> value
         self.rendezvous_key_lines: dict[str, int] = {}
+        self.rendezvous_server_key: bytes | None = None
 
     def error(self, line: int | None, message: str) -> ConfigError:
         return ConfigError(self.source, line, message)
@@ -305,11 +316,14 @@ class _Parser:
     def rendezvous_key(self, lineno: int, key: str, value: str) -> None:
         k = key.lower()
         parsers = {"url": parse_rendezvous_url, "token": parse_token, "name": parse_node_name}
-        if k not in parsers:
-            raise self.error(lineno, f"unknown key {key!r} in [Rendezvous] (known: URL, Token, Name)")
+        if k not in parsers and k != "serverkey":
+            raise self.error(lineno, f"unknown key {key!r} in [Rendezvous] (known: URL, Token, Name, ServerKey)")
         if k in self.rendezvous_key_lines:
             raise self.error(lineno, f"second {key} in [Rendezvous] (first at line {self.rendezvous_key_lines[k]})")
-        self.rendezvous[k] = parsers[k](value)
+        if k == "serverkey":
+            self.rendezvous_server_key = parse_server_key(value)
+        else:
+            self.rendezvous[k] = parsers[k](value)
         self.rendezvous_key_lines[k] = lineno
 
     def peer_key(self, lineno: int, key: str, value: str) -> None:
@@ -369,6 +383,7 @@ class _Parser:
                 url=self.rendezvous["url"],
                 token=self.rendezvous.get("token"),
                 name=self.rendezvous.get("name"),
+                server_key=self.rendezvous_server_key,
             )
         return InterfaceConfig(
             private_key=self.private_key,
@@ -423,6 +438,8 @@ def render_config(config: InterfaceConfig) -> str:
             lines.append(f"Name = {config.rendezvous.name}")
         if config.rendezvous.token is not None:
             lines.append(f"Token = {config.rendezvous.token}")
+        if config.rendezvous.server_key is not None:
+            lines.append(f"ServerKey = {keys.encode(config.rendezvous.server_key)}")
     for peer in config.peers:
         lines += ["", "[Peer]", f"PublicKey = {keys.encode(peer.public_key)}"]
         if peer.preshared_key is not None:

@@ -7,9 +7,15 @@ unreadable or conflicting FILE, a directory we cannot write to) is checked
 relay has answered. A failed join leaves FILE exactly as it was.
 
 The written file is an ordinary config: `[Interface]` with the private key and
-the overlay addresses the relay assigned, `[Rendezvous]` with the URL and the
-node name. The token is not written: it is spent, and from now on the key alone
-logs in.
+the overlay addresses the relay assigned, `[Rendezvous]` with the URL, the
+node name and the server's key. The token is not written: it is spent, and from
+now on the key alone logs in.
+
+The server key is pinned like an SSH host key: `--server-key` (what
+`overlay-relay server-key` printed) checks it before the token is sent, and
+otherwise the key the server proved at this join is written as `ServerKey`, so
+every later login by `overlay up` refuses an impostor. Re-joining a file that
+already pins a key for the same URL checks against that key.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from overlay.config import (
     load_config,
     parse_node_name,
     parse_rendezvous_url,
+    parse_server_key,
     parse_token,
     render_config,
 )
@@ -53,6 +60,7 @@ class JoinResult:
     memberships: list[Membership]
     addresses: list[IPInterface]
     key_reused: bool
+    server_key: str | None = None  # base64 of the pinned rendezvous key; public
 
 
 def same_rendezvous(a: str, b: str) -> bool:
@@ -110,11 +118,12 @@ def _load_existing(path: str, url: str, force: bool) -> InterfaceConfig | None:
 
 
 def _new_config(existing: InterfaceConfig | None, private_key: bytes, path: str, url: str, name: str,
-                memberships: list[Membership]) -> InterfaceConfig:
+                memberships: list[Membership], server_key: bytes | None) -> InterfaceConfig:
     overlay_addresses = [a for m in memberships for a in membership_addresses(m)]
+    rendezvous = RendezvousConfig(url=url, token=None, name=name, server_key=server_key)
     if existing is None:
         return InterfaceConfig(private_key=private_key, addresses=overlay_addresses, source=path,
-                               rendezvous=RendezvousConfig(url=url, token=None, name=name))
+                               rendezvous=rendezvous)
     # An address inside one of the overlay networks is an earlier assignment
     # from this rendezvous and is replaced; any other address is the user's own
     # (e.g. for static peers) and stays.
@@ -124,7 +133,7 @@ def _new_config(existing: InterfaceConfig | None, private_key: bytes, path: str,
     # kernel's default source on the interface, and a setup that worked before
     # the join must keep working after it.
     existing.addresses = kept + overlay_addresses
-    existing.rendezvous = RendezvousConfig(url=url, token=None, name=name)
+    existing.rendezvous = rendezvous
     return existing
 
 
@@ -168,16 +177,22 @@ def _describe_refusal(e: RendezvousError, url: str) -> str:
         return f"{url} is rate limiting this address: too many attempts; wait a minute and try again"
     if e.code == "auth_failed":
         return f"{url} refused this key: {e.message}"
+    if e.code == "server_key_mismatch":
+        return f"{e.message} (the token was not sent)"
+    if e.code == "server_auth_failed":
+        return f"{url}: {e.message}"
     if e.code == "closed":
         return f"{url} closed the connection before answering: is it an overlay-relay rendezvous?"
     return f"unexpected answer from {url}: {e.code}: {e.message}"
 
 
-async def _register(url: str, private_key: bytes, name: str, token: str, timeout: float) -> list[Membership]:
-    client = RendezvousClient(url, private_key, name=name)
+async def _register(url: str, private_key: bytes, name: str, token: str, timeout: float,
+                    server_key: bytes | None) -> tuple[list[Membership], bytes | None]:
+    """The memberships after joining, and the server key the relay proved."""
+    client = RendezvousClient(url, private_key, name=name, server_key=server_key)
     try:
         await asyncio.wait_for(client.connect(token=token, timeout=timeout), timeout)
-        return sorted(client.memberships.values(), key=lambda m: m.network)
+        return sorted(client.memberships.values(), key=lambda m: m.network), client.server_key
     except RendezvousError as e:
         raise JoinError(_describe_refusal(e, url)) from None
     except aiohttp.WSServerHandshakeError as e:
@@ -195,9 +210,11 @@ async def _register(url: str, private_key: bytes, name: str, token: str, timeout
 
 
 async def join(url: str, token: str, path: str, name: str | None = None, force: bool = False,
-               timeout: float = DEFAULT_TIMEOUT) -> JoinResult:
+               timeout: float = DEFAULT_TIMEOUT, server_key: str | None = None) -> JoinResult:
     """Join the network `token` belongs to and write the config to `path`.
 
+    `server_key` (base64) pins the relay's rendezvous key up front: a relay
+    announcing another key is refused before the token is sent.
     Raises JoinError (path untouched) on any failure.
     """
     try:
@@ -206,14 +223,21 @@ async def join(url: str, token: str, path: str, name: str | None = None, force: 
         name = parse_node_name(name if name is not None else socket.gethostname())
     except ValueError as e:
         raise JoinError(str(e)) from None
+    try:
+        pinned = parse_server_key(server_key) if server_key is not None else None
+    except ValueError as e:
+        raise JoinError(f"--server-key: {e}") from None
     existing = _load_existing(path, url, force)
+    if pinned is None and existing is not None and existing.rendezvous is not None \
+            and same_rendezvous(existing.rendezvous.url, url):
+        pinned = existing.rendezvous.server_key  # keep trusting what this file trusted
     private_key = existing.private_key if existing is not None else keys.generate_private_key()
     pending = _PendingFile(path)
     try:
-        memberships = await _register(url, private_key, name, token, timeout)
+        memberships, proven_key = await _register(url, private_key, name, token, timeout, pinned)
         if not memberships:
             raise JoinError(f"{url} accepted the token but reported no network membership")
-        config = _new_config(existing, private_key, path, url, name, memberships)
+        config = _new_config(existing, private_key, path, url, name, memberships, proven_key)
         pending.commit(render_config(config))
     finally:
         pending.discard()
@@ -224,4 +248,5 @@ async def join(url: str, token: str, path: str, name: str | None = None, force: 
         memberships=memberships,
         addresses=config.addresses,
         key_reused=existing is not None,
+        server_key=keys.encode(proven_key) if proven_key is not None else None,
     )

@@ -6,6 +6,7 @@
     overlay-relay node list [--network NAME] | node remove --network NAME KEY_OR_NAME
     overlay-relay network list
     overlay-relay credentials [--name NAME] [--ttl SECONDS]     (TURN REST credentials from the secret)
+    overlay-relay server-key      (the rendezvous public key to hand out: `overlay join --server-key`)
 
 Operator commands work while the server runs (SQLite WAL); the server picks changes up.
 Every failure is one line on stderr and a non-zero exit status.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import re
 import sys
@@ -23,7 +25,7 @@ from typing import Any
 
 from . import config as config_mod
 from .config import ConfigError, RelayConfig
-from .datadir import DB_NAME, DataDirError, prepare, turn_secret
+from .datadir import DB_NAME, DataDirError, prepare, server_key, turn_secret
 from .store import Store, StoreError
 
 
@@ -117,7 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
     _common(c)
     c.add_argument("--name", default="operator")
     c.add_argument("--ttl", type=int, default=86400)
+
+    k = sub.add_parser("server-key", help="print the rendezvous server's public key (members pin it)")
+    _common(k)
     return parser
+
+
+def server_public_key(cfg: RelayConfig) -> str:
+    """Base64 of the rendezvous X25519 public key; the private key is created on first use,
+    so an operator can hand the key out before the first start."""
+    from overlay.rendezvous.proof import public_key
+
+    datadir = prepare(cfg.data_dir)
+    try:
+        private = server_key(datadir)
+    except ValueError:  # not base64 at all
+        raise DataDirError(f"{datadir / 'server_key'}: not a 32-byte base64 key") from None
+    return base64.b64encode(public_key(private)).decode()
 
 
 def load_config(args: argparse.Namespace) -> RelayConfig:
@@ -166,6 +184,9 @@ def _table(rows: list[list[Any]], head: list[str]) -> None:
 
 
 def run_operator(args: argparse.Namespace, cfg: RelayConfig) -> int:
+    if args.command == "server-key":
+        print(server_public_key(cfg))
+        return 0
     if args.command == "credentials":
         from overlay.stun.credentials import make_rest_credentials
         secret = cfg.turn.secret or turn_secret(prepare(cfg.data_dir))
@@ -210,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         from .app import StartupError, serve
 
         logs.configure(cfg.log_format, cfg.log_level)
+        # Public: operators hand it out so members can pin it (`overlay join --server-key`).
+        logs.event_logger()("rendezvous_server_key", server_key=server_public_key(cfg))
 
         def ready(addresses: dict[str, Any]) -> None:
             if args.ready_file:

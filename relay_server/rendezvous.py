@@ -12,7 +12,18 @@ frames, each with a "type". Keys are WireGuard public keys in standard base64.
    With "token", the node also joins the token's network (one use of the token; joining
    a network it is already in spends nothing). Without it, the key must already be a member.
 3. Server -> node:
-       {"type": "welcome", "public_key": B64, "memberships": [MEMBERSHIP...], "turn": TURN}
+       {"type": "welcome", "public_key": B64, "server_proof": B64, "memberships": [MEMBERSHIP...], "turn": TURN}
+   server_proof = HMAC-SHA256(same key as the node's proof,
+                              challenge || node public key || server_key || "overlay-rendezvous server v1")
+   Only the holder of the server's private key can compute it, so a node that pinned
+   server_key (trust on first use, `[Rendezvous] ServerKey`) detects an impostor even
+   over plain http; clients refuse a welcome without a valid server_proof. Every frame from
+   the welcome on also carries "mac": HMAC-SHA256(SHA-256("overlay-rendezvous frames v1" ||
+   shared || challenge), sequence number as 8 bytes big endian || the frame as JSON with sorted
+   keys and no spaces, without "mac"); the welcome is number 0. A node drops the connection
+   on a frame whose mac does not check, so a man in the middle can neither pose as the
+   server nor inject frames into a real session. (Both added to version 1: older clients
+   ignore the extra fields.)
        MEMBERSHIP = {"network", "name", "ipv4", "ipv6", "ipv4_prefix", "ipv6_prefix"}
    then, per network, {"type": "peers", "network": NAME, "peers": [PEER...]}
        PEER = {"public_key", "name", "ipv4", "ipv6", "candidates": [CANDIDATE...],
@@ -94,9 +105,19 @@ class Session:
     memberships: dict[int, Node] = field(default_factory=dict)  # network id -> own node row
     source: str = "?"
     bad: int = 0
+    # Per-login key for the "mac" on every frame from the welcome on (see proof.py),
+    # and the sequence number of the next frame; the lock keeps numbers in wire order.
+    frame_key: bytes | None = field(default=None, repr=False)
+    sent: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     async def send(self, obj: dict[str, Any]) -> None:
-        if not self.ws.closed:
+        async with self.lock:
+            if self.ws.closed:
+                return
+            if self.frame_key is not None:
+                obj = {**obj, "mac": proof.frame_mac(self.frame_key, self.sent, obj)}
+                self.sent += 1
             try:
                 await self.ws.send_str(json.dumps(obj))
             except (ConnectionError, RuntimeError):
@@ -287,14 +308,18 @@ class Rendezvous:
             await self._refuse(ws, "auth_failed", "this key is not a member of any network; join with a token", 4001)
             return None
         old = self.sessions.get(key_text)
-        session = Session(key_text, name, ws, {n.network_id: n for n in memberships}, source=ip)
+        session = Session(key_text, name, ws, {n.network_id: n for n in memberships}, source=ip,
+                          frame_key=proof.frame_key(self.s.server_private, node_pub, challenge))
         self.sessions[key_text] = session
         if old is not None:
             await old.ws.close(code=4005, message=b"replaced by a newer login")
         self.store.touch([n.id for n in memberships], time.time())
         self.log("node_online", node=key_text, source=ip, networks=[n.network for n in memberships])
+        # verify() above succeeded, so node_pub gives a usable shared secret.
+        server_proof = proof.server_answer(self.s.server_private, challenge, node_pub) or b""
         await session.send({
             "type": "welcome", "public_key": key_text,
+            "server_proof": base64.b64encode(server_proof).decode(),
             "memberships": [membership_json(n, self.store) for n in memberships],
             "turn": self.turn_credentials(session),
         })

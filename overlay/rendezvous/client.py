@@ -8,6 +8,15 @@
     await client.request_connect("office", peer_key)
     event = await client.next_event()              # {"type": "connect" | "peer" | "peer_removed" | ...}
     client.turn                                     # TurnCredentials (REST), with the TURN URLs
+    client.server_key                               # the server's X25519 key, proven by its welcome
+
+Server authentication works like SSH host keys: with `server_key=` (32 bytes,
+e.g. `[Rendezvous] ServerKey` written by `overlay join`) a server announcing any
+other key is refused ("server_key_mismatch"); without it, the first key whose
+proof checks out is recorded and pinned for the rest of this client's life
+(reconnects included). Either way the welcome must carry a valid server proof,
+and every frame from the welcome on a valid MAC under the per-login frame key:
+a frame that fails it (injected by a man in the middle) ends the connection.
 
 The peer map is kept up to date from the server's pushes; every push is also
 queued as an event so an agent can react (start hole punching on "connect").
@@ -17,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
+import hmac
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -63,14 +74,34 @@ class Peer:
                    list(obj.get("candidates") or []), bool(obj.get("online")), obj.get("last_seen"))
 
 
+def _text(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
+def _b64field(obj: dict[str, Any], name: str) -> bytes:
+    value = obj.get(name)
+    try:
+        return base64.b64decode(value if isinstance(value, str) else "?", validate=True)
+    except (binascii.Error, ValueError):
+        raise RendezvousError("protocol", f"the server's {name} is not base64") from None
+
+
+def _forged_frame() -> RendezvousError:
+    return RendezvousError("server_auth_failed",
+                           "a rendezvous frame failed its authentication (altered or injected on the path)")
+
+
 def _turn(obj: dict[str, Any]) -> TurnCredentials:
     return TurnCredentials(obj["username"], obj["password"], int(obj["expires"]), tuple(obj.get("urls") or ()))
 
 
 class RendezvousClient:
-    def __init__(self, url: str, private_key: bytes, name: str = "", heartbeat: float = 20.0) -> None:
+    def __init__(self, url: str, private_key: bytes, name: str = "", heartbeat: float = 20.0,
+                 server_key: bytes | None = None) -> None:
         if len(private_key) != 32:
             raise ValueError("private key must be 32 bytes")
+        if server_key is not None and len(server_key) != 32:
+            raise ValueError("server key must be 32 bytes")
         base = url.rstrip("/")
         if base.startswith("http"):
             base = "ws" + base[4:]
@@ -79,6 +110,9 @@ class RendezvousClient:
         self.public_key = base64.b64encode(proof.public_key(private_key)).decode()
         self.name = name
         self.heartbeat = heartbeat
+        # The pinned key (given, or learned at the first proven login) and the one last proven.
+        self.expected_server_key = server_key
+        self.server_key: bytes | None = None
         self.memberships: dict[str, Membership] = {}
         self.peers: dict[str, dict[str, Peer]] = {}
         self.turn: TurnCredentials | None = None
@@ -90,6 +124,8 @@ class RendezvousClient:
         self._reader: asyncio.Task | None = None
         self._waiters: dict[str, list[asyncio.Future]] = {}
         self._candidates: list[dict[str, Any]] | None = None
+        self._frame_key: bytes | None = None
+        self._received = 0  # sequence number of the next authenticated frame
 
     def __repr__(self) -> str:  # never show the private key
         return f"RendezvousClient({self.url!r}, public_key={self.public_key!r})"
@@ -107,8 +143,13 @@ class RendezvousClient:
                 raise RendezvousError(challenge.get("code", "error"), challenge.get("message", ""))
             if challenge.get("type") != "challenge":
                 raise RendezvousError("protocol", f"expected a challenge, got {challenge.get('type')!r}")
-            answer = proof.answer(self._private, base64.b64decode(challenge["challenge"]),
-                                  base64.b64decode(challenge["server_key"]))
+            nonce = _b64field(challenge, "challenge")
+            server_key = _b64field(challenge, "server_key")
+            self._check_server_key(server_key)
+            frame_key = proof.frame_key(self._private, server_key, nonce)
+            if frame_key is None:
+                raise RendezvousError("protocol", "the server's key is not a usable X25519 key")
+            answer = proof.answer(self._private, nonce, server_key)
             hello: dict[str, Any] = {"type": "hello", "public_key": self.public_key,
                                      "proof": base64.b64encode(answer).decode(), "name": self.name}
             if token is not None:
@@ -119,17 +160,45 @@ class RendezvousClient:
                 raise RendezvousError(welcome.get("code", "error"), welcome.get("message", ""))
             if welcome.get("type") != "welcome":
                 raise RendezvousError("protocol", f"expected a welcome, got {welcome.get('type')!r}")
+            self._frame_key, self._received = frame_key, 0
+            server_proof = welcome.get("server_proof")
+            try:
+                server_proof_raw = base64.b64decode(server_proof, validate=True) if isinstance(server_proof, str) else b""
+            except (binascii.Error, ValueError):
+                server_proof_raw = b""
+            if not proof.verify_server(self._private, nonce, server_key, server_proof_raw) \
+                    or not self._authentic(welcome):
+                raise RendezvousError("server_auth_failed",
+                                      "the rendezvous could not prove it holds the private key of the server key "
+                                      f"it announced ({_text(server_key)}): refusing its peers")
+            self.server_key = server_key
+            if self.expected_server_key is None:
+                self.expected_server_key = server_key  # trust on first use
             for mship in welcome.get("memberships", []):
                 self.memberships[mship["network"]] = Membership(**mship)
                 self.peers.setdefault(mship["network"], {})
             self.turn = _turn(welcome["turn"])
             # The peer lists follow the welcome, one message per network.
             for _ in range(len(self.memberships)):
-                self._apply(await self._receive_json(timeout))
+                frame = await self._receive_json(timeout)
+                if not self._authentic(frame):
+                    raise _forged_frame()
+                self._apply(frame)
         except BaseException:
             await self.close()
             raise
         self._reader = asyncio.create_task(self._read_loop())
+
+    def _check_server_key(self, seen: bytes) -> None:
+        if len(seen) != 32:
+            raise RendezvousError("protocol", "server_key must be 32 bytes")
+        pinned = self.expected_server_key
+        if pinned is not None and not hmac.compare_digest(pinned, seen):
+            raise RendezvousError(
+                "server_key_mismatch",
+                f"rendezvous server key changed: expected {_text(pinned)}, the server at {self.url} "
+                f"announced {_text(seen)}; refusing (a man in the middle, or the relay's key was replaced: "
+                "if the operator confirms the new key, update ServerKey in the config)")
 
     async def keep_connected(self, token: str | None = None, min_delay: float = 1.0, max_delay: float = 30.0,
                              connected: asyncio.Event | None = None) -> None:
@@ -151,7 +220,7 @@ class RendezvousClient:
                 if self.close_code == 4004:
                     return
             except RendezvousError as exc:
-                if exc.code in ("auth_failed", "join_refused"):
+                if exc.code in ("auth_failed", "join_refused", "server_key_mismatch", "server_auth_failed"):
                     raise
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
                 pass
@@ -196,9 +265,14 @@ class RendezvousClient:
                 try:
                     obj = json.loads(msg.data)
                 except ValueError:
-                    continue
-                if isinstance(obj, dict):
-                    self._apply(obj)
+                    obj = None
+                if not isinstance(obj, dict) or not self._authentic(obj):
+                    # Not from the server that proved its key: someone on the path is
+                    # injecting frames. Nothing of it is applied; reconnect afresh.
+                    self._emit({"type": "error", "code": "server_auth_failed", "message": _forged_frame().message})
+                    await self._ws.close()
+                    break
+                self._apply(obj)
         finally:
             self.close_code = self._ws.close_code
             closed = {"type": "closed", "code": self.close_code}
@@ -210,6 +284,13 @@ class RendezvousClient:
             self._emit(closed)
 
     # -- incoming -------------------------------------------------------------------------------
+    def _authentic(self, obj: dict[str, Any]) -> bool:
+        """Check (and strip) the frame's MAC; every frame from the welcome on has one."""
+        if self._frame_key is None or not proof.verify_frame(self._frame_key, self._received, obj):
+            return False
+        self._received += 1
+        return True
+
     def _apply(self, obj: dict[str, Any]) -> None:
         kind = obj.get("type")
         network = obj.get("network")

@@ -25,7 +25,8 @@ from overlay.wireguard.endpoints import RelayEndpoint
 
 from . import demux
 from .stream import StreamFramer
-from .turn_client import FAILED, READY, TurnClient
+from .stun_probe import normalize
+from .turn_client import FAILED, KEEPALIVE_INTERVAL, READY, TurnClient
 
 log = structlog.get_logger("overlay.traversal.relay")
 
@@ -183,8 +184,10 @@ class RelayPath:
     def new(self, server: tuple[str, int], credentials: TurnCredentials, transport: str) -> Allocation:
         """Create (not yet start) an allocation; replaces one on the same server."""
         family = 6 if ":" in server[0] else 4
+        # keepalive: the relay path is the standby of peers on a direct path, idle for
+        # long stretches; our NAT must still let the server's packets in when it is needed.
         turn = TurnClient(server, credentials, family=family, stream=transport != "udp",
-                          software="overlay")
+                          software="overlay", keepalive=KEEPALIVE_INTERVAL)
         old = self.allocations.get(turn.server)
         if old is not None:
             old.close()
@@ -215,15 +218,29 @@ class RelayPath:
 
     def permit(self, peer_addresses: list[tuple[str, int]]) -> None:
         """Let these peers' packets through every ready allocation of their family, and
-        bind channels early so the first data already goes as ChannelData."""
+        bind channels early so the first data already goes as ChannelData.
+
+        The list is the whole set of current peer addresses: their permissions and
+        channels are kept while idle (a peer on a direct path needs the relay as its
+        standby: when the direct path dies, the first probes through the relay must
+        get through); addresses no longer listed are released and lapse."""
         now = time.monotonic()
         for alloc in self.ready():
             fam = alloc.turn.family
+            wanted: set[tuple[str, int]] = set()
             for ip, port in peer_addresses:
                 if (6 if ":" in ip else 4) != fam or ip == alloc.server[0]:
                     continue  # (relays refuse to relay to their own addresses)
-                alloc.turn.permit(ip, now)
-                alloc.turn.bind((ip, port), now)
+                alloc.turn.permit(ip, now, keep=True)
+                alloc.turn.bind((ip, port), now, keep=True)
+                wanted.add(normalize((ip, port)))
+            wanted_ips = {ip for ip, _ in wanted}
+            for ip in alloc.turn.kept_permissions():
+                if ip not in wanted_ips:
+                    alloc.turn.release(ip)
+            for peer in alloc.turn.kept_channels():
+                if peer not in wanted:
+                    alloc.turn.release_channel(peer)
             alloc.kick()
 
     def close(self) -> None:

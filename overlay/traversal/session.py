@@ -104,11 +104,20 @@ class _PeerInfo:
 
 
 class RendezvousSession:
-    def __init__(self, agent, url: str, token: str | None = None, name: str | None = None):
+    def __init__(self, agent, url: str, token: str | None = None, name: str | None = None,
+                 server_key: bytes | None = None):
         self.agent = agent
         self.url = url
         self.token = token
-        self.client = RendezvousClient(url, agent.device.private_key, name=name or socket.gethostname())
+        if server_key is None:
+            # `[Rendezvous] ServerKey` pins the server like an SSH host key. A config
+            # without it (hand-written with a Token) trusts the first key the server
+            # proves, keeps it for every reconnect of this run, and logs it to be pinned.
+            rendezvous_config = getattr(agent.config, "rendezvous", None)
+            server_key = getattr(rendezvous_config, "server_key", None)
+        self.pinned_server_key = server_key is not None
+        self.client = RendezvousClient(url, agent.device.private_key, name=name or socket.gethostname(),
+                                       server_key=server_key)
         self.client.on_event = self._on_event
         self.peers: dict[bytes, _PeerInfo] = {}
         self.keeper = PathKeeper()
@@ -156,7 +165,11 @@ class RendezvousSession:
                         token = None
                         continue
                     self.error = str(exc)
-                    log.error("rendezvous refused this node", url=self.url, error=str(exc))
+                    if exc.code in ("server_key_mismatch", "server_auth_failed"):
+                        # Tunnels already up stay up; no peer map is taken from this server.
+                        log.error(exc.message, url=self.url)
+                    else:
+                        log.error("rendezvous refused this node", url=self.url, error=str(exc))
                     return
         finally:
             watcher.cancel()
@@ -165,6 +178,11 @@ class RendezvousSession:
         while True:
             await self.connected.wait()
             log.info("rendezvous connected", url=self.url, networks=sorted(self.client.memberships))
+            if not self.pinned_server_key and self.client.server_key is not None:
+                self.pinned_server_key = True  # the client keeps it from now on; say it once
+                log.warning("rendezvous server key not pinned; trusting it on first use. "
+                            "Add it to the [Rendezvous] section to refuse impostors",
+                            url=self.url, server_key=base64.b64encode(self.client.server_key).decode())
             await self._apply_memberships()
             for network in list(self.client.peers):
                 self._sync_network(network)
@@ -212,6 +230,9 @@ class RendezvousSession:
                 loop = asyncio.get_running_loop()
                 for delay in PUNCH_REPEATS:
                     loop.call_later(delay, self._punch, peer.get("public_key"), False)
+            elif kind == "error" and event.get("code") == "server_auth_failed":
+                # Raised by the client itself: a frame failed its MAC and was not applied.
+                log.error("rendezvous frame failed authentication; dropped, reconnecting", url=self.url)
             elif kind == "error":
                 log.info("rendezvous error", code=event.get("code"), message=event.get("message"))
         except Exception as exc:  # noqa: BLE001 - a bad push must not stop the session
@@ -451,6 +472,7 @@ class RendezvousSession:
             "url": self.url,
             "connected": self.client.connected,
             "error": self.error,
+            "server_key": base64.b64encode(self.client.server_key).decode() if self.client.server_key else None,
             "addresses": [str(a) for a in self.assigned_addresses],
             "candidates": [c.to_dict() for c in self.gatherer.candidates],
             "relays": [{"server": f"{a.server[0]}:{a.server[1]}", "transport": a.transport,

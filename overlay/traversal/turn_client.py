@@ -15,7 +15,12 @@ The first Allocate goes out unauthenticated; the server's 401 carries REALM and 
 and the request is repeated signed with the long-term key. 438 (stale nonce) repeats
 it with the new nonce. The allocation is refreshed at 80 % of its lifetime;
 permissions and channels are refreshed before they expire while traffic uses them
-and left to expire once it stops. Error answers never raise: they move the client to
+and left to expire once it stops, except those the caller pins with `permit(ip, now,
+keep=True)`: a peer on a direct path still needs its permission on our allocation as
+the standby path, or a later failover to the relay finds the server dropping its
+packets. Over UDP, with `keepalive=KEEPALIVE_INTERVAL`, a Binding indication goes to the server
+that often so the NAT in front of us keeps the mapping the server sends our relayed traffic
+to, also while the allocation carries nothing. Error answers never raise: they move the client to
 `failed` with a `TurnFailure` saying what happened and whether retrying can help;
 when to retry is the caller's decision (`retry_delay`).
 
@@ -47,6 +52,11 @@ PERMISSION_LIFETIME = 300.0  # fixed by RFC 8656 section 9
 PERMISSION_REFRESH = 240.0  # 80 % of it: one lost refresh can still be retried in time
 CHANNEL_LIFETIME = 600.0  # fixed by RFC 8656 section 12
 CHANNEL_REFRESH = 480.0  # 80 % of it
+PERMISSION_RETRY = 5.0
+BIND_RETRY = 1.0  # a ChannelBind that got no answer is sent again after this  # a pinned permission whose refresh got no answer is tried again after this
+# NATs drop idle UDP mappings after as little as 30 s (the lab's NATs do); without one,
+# everything the server relays to us is filtered out. A 20-byte indication keeps it.
+KEEPALIVE_INTERVAL = 15.0
 MAX_NONCE_RETRIES = 3  # 438 answers in a row before the server is considered broken
 # After a channel binding lapses its number may not be reused for another peer for
 # 5 minutes (RFC 8656 12); numbers are handed out round-robin so that never happens
@@ -92,21 +102,25 @@ class _Tx:
 
 
 class _Permission:
-    __slots__ = ("installed", "refresh_at", "used", "pending")
+    __slots__ = ("installed", "keep", "pending", "refresh_at", "used")
 
     def __init__(self) -> None:
         self.installed = False
+        self.keep = False  # refreshed while the caller wants it, used or not
         self.refresh_at = float("inf")  # set when the server confirms
         self.used = False  # traffic to/from this IP since the last (re)install was sent
         self.pending = False
 
 
 class _Channel:
-    __slots__ = ("number", "peer", "bound", "refresh_at", "used", "pending")
+    __slots__ = ("bound", "keep", "number", "peer", "pending", "refresh_at", "used")
 
     def __init__(self, number: int, peer: Address) -> None:
         self.number, self.peer = number, peer
         self.bound = False
+        # Refreshed while the caller wants it, used or not: a lapsed binding the server
+        # still holds would deliver ChannelData with a number we no longer know.
+        self.keep = False
         self.refresh_at = float("inf")
         self.used = False  # traffic on this channel since the last ChannelBind was sent
         self.pending = False
@@ -114,7 +128,8 @@ class _Channel:
 
 class TurnClient:
     def __init__(self, server: tuple, credentials: TurnCredentials, *, family: int = 4, stream: bool = False,
-                 lifetime: int = DEFAULT_LIFETIME, software: str | None = None) -> None:
+                 lifetime: int = DEFAULT_LIFETIME, software: str | None = None,
+                 keepalive: float | None = None) -> None:
         if family not in (4, 6):
             raise ValueError(f"relayed address family must be 4 or 6, not {family!r}")
         self.server: Address = normalize(server)
@@ -122,6 +137,8 @@ class TurnClient:
         self.stream = stream
         self.requested_lifetime = lifetime
         self.software = software
+        # Seconds between Binding indications over UDP (None: none; see KEEPALIVE_INTERVAL).
+        self.keepalive = keepalive if not stream else None
         self._creds = credentials
         self.realm = ""
         self._nonce = b""
@@ -133,12 +150,17 @@ class TurnClient:
         self.lifetime = 0
         self.expires_at = 0.0
         self._refresh_at = float("inf")
+        self._keepalive_at = float("inf")
         self._txs: dict[bytes, _Tx] = {}
         self._out: list[bytes] = []
         self._perms: dict[str, _Permission] = {}
         self._channels: dict[Address, _Channel] = {}
         self._by_number: dict[int, _Channel] = {}
         self._next_number = m.CHANNEL_MIN
+        # The number each peer was last bound to: a rebind reuses it, because the server
+        # keeps a binding (and refuses another number for the peer) for minutes after we
+        # stopped using it or after its answer was lost.
+        self._last_number: dict[Address, int] = {}
 
     def __repr__(self) -> str:  # never the password or key
         return (f"TurnClient(server={self.server!r}, user={self._creds.username!r}, state={self.state!r}, "
@@ -190,7 +212,7 @@ class TurnClient:
     def next_deadline(self) -> float | None:
         times = [tx.next_send for tx in self._txs.values()]
         if self.state == READY:
-            times.append(min(self._refresh_at, self.expires_at))
+            times.append(min(self._refresh_at, self.expires_at, self._keepalive_at))
             times += [p.refresh_at for p in self._perms.values() if not p.pending]
             times += [c.refresh_at for c in self._channels.values() if not c.pending]
         due = [t for t in times if t != float("inf")]
@@ -219,7 +241,7 @@ class TurnClient:
         for ip, perm in list(self._perms.items()):
             if perm.pending or now < perm.refresh_at:
                 continue
-            if not perm.used:
+            if not perm.used and not perm.keep:
                 # Nothing went to or came from this IP since the permission was last
                 # installed: let it expire on the server instead of keeping it open.
                 del self._perms[ip]
@@ -228,35 +250,74 @@ class TurnClient:
         for peer, chan in list(self._channels.items()):
             if chan.pending or now < chan.refresh_at:
                 continue
-            if not chan.used:
+            if not chan.used and not chan.keep:
                 self._drop_channel(chan)
                 continue
             self._send_bind(chan, now)
+        if now >= self._keepalive_at:
+            # Any request queued above refreshes the mapping just as well.
+            if not self._out:
+                self._out.append(m.Message(m.BINDING, m.INDICATION).encode(fingerprint=True))
+            self._keepalive_at = now + self.keepalive  # type: ignore[operator]
 
     # -- peers -------------------------------------------------------------------------------------
-    def permit(self, peer_ip: str, now: float) -> None:
-        """Install a permission for `peer_ip` (kept while traffic uses it). Call it early."""
+    def permit(self, peer_ip: str, now: float, *, keep: bool = False) -> None:
+        """Install a permission for `peer_ip`. Call it early. It is kept while traffic
+        uses it; with `keep` also while idle, until `release(peer_ip)`."""
         ip = normalize((peer_ip, 0))[0]
         if self.state != READY or family_of(ip) != self._relayed_family():
             return
-        if ip not in self._perms:
-            self._perms[ip] = _Permission()
+        perm = self._perms.get(ip)
+        if perm is None:
+            perm = self._perms[ip] = _Permission()
             self._send_permission(ip, now)
+        if keep:
+            perm.keep = True
 
-    def bind(self, peer: tuple, now: float) -> int | None:
-        """Bind a channel to `peer` (idempotent). Returns its number, None when not possible."""
+    def release(self, peer_ip: str) -> None:
+        """Stop pinning `peer_ip`'s permission and channels: they now lapse once traffic stops."""
+        ip = normalize((peer_ip, 0))[0]
+        perm = self._perms.get(ip)
+        if perm is not None:
+            perm.keep = False
+        for chan in self._channels.values():
+            if chan.peer[0] == ip:
+                chan.keep = False
+
+    def kept_permissions(self) -> list[str]:
+        """The peer IPs pinned with `permit(..., keep=True)`."""
+        return [ip for ip, perm in self._perms.items() if perm.keep]
+
+    def release_channel(self, peer: tuple) -> None:
+        """Stop pinning the channel to `peer` (its permission stays as it is)."""
+        chan = self._channels.get(normalize(peer))
+        if chan is not None:
+            chan.keep = False
+
+    def kept_channels(self) -> list[Address]:
+        """The peer addresses whose channels are pinned with `bind(..., keep=True)`."""
+        return [peer for peer, chan in self._channels.items() if chan.keep]
+
+    def bind(self, peer: tuple, now: float, *, keep: bool = False) -> int | None:
+        """Bind a channel to `peer` (idempotent). Returns its number, None when not possible.
+        With `keep` the binding is refreshed while idle too, until `release`."""
         peer = normalize(peer)
         if self.state != READY or family_of(peer[0]) != self._relayed_family():
             return None
         chan = self._channels.get(peer)
         if chan is None:
-            number = self._free_number()
+            number = self._last_number.get(peer)
+            if number is None or number in self._by_number:
+                number = self._free_number()
             if number is None:
                 return None
+            self._last_number[peer] = number
             chan = _Channel(number, peer)
             self._channels[peer] = chan
             self._by_number[number] = chan
             self._send_bind(chan, now)
+        if keep:
+            chan.keep = True
         return chan.number
 
     def channel_of(self, peer: tuple) -> int | None:
@@ -429,7 +490,7 @@ class TurnClient:
                 # Transient: try again shortly; the allocation is still valid until it expires.
                 self._refresh_at = now + 1.0
         elif tx.kind == "permission":
-            self._perms.pop(str(tx.arg), None)
+            self._permission_failed(str(tx.arg), now, retry=code in _RETRYABLE)
         elif tx.kind == "bind" and isinstance(tx.arg, _Channel):
             self._drop_channel(tx.arg)
 
@@ -441,13 +502,19 @@ class TurnClient:
         elif tx.kind == "refresh" and self.state == READY:
             self._refresh_at = now  # retried at once; `expires_at` bounds the attempts
         elif tx.kind == "permission":
-            self._perms.pop(str(tx.arg), None)
+            self._permission_failed(str(tx.arg), now)
         elif tx.kind == "bind" and isinstance(tx.arg, _Channel):
-            self._drop_channel(tx.arg)
+            chan = tx.arg
+            if self._channels.get(chan.peer) is chan:
+                # No answer (lost under load?): the server may hold the binding and relay
+                # on this number, so keep it known and bind again shortly (kept while used).
+                chan.pending = False
+                chan.refresh_at = now + BIND_RETRY
 
     # -- internals -------------------------------------------------------------------------------------
     def _reset(self) -> None:
         self._txs.clear()
+        self._last_number.clear()
         self._out.clear()
         self._perms.clear()
         self._channels.clear()
@@ -457,6 +524,7 @@ class TurnClient:
         self.lifetime = 0
         self.expires_at = 0.0
         self._refresh_at = float("inf")
+        self._keepalive_at = float("inf")
 
     def _fail(self, code: int, reason: str, retryable: bool) -> None:
         self.state = FAILED
@@ -466,10 +534,24 @@ class TurnClient:
         self._channels.clear()
         self._by_number.clear()
 
+    def _permission_failed(self, ip: str, now: float, retry: bool = True) -> None:
+        perm = self._perms.get(ip)
+        if perm is None:
+            return
+        if perm.keep and retry:
+            # Pinned: the standby path must not vanish over one lost exchange; the server
+            # may well still hold the permission, so `installed` stays as it was.
+            perm.pending = False
+            perm.refresh_at = now + PERMISSION_RETRY
+        else:
+            del self._perms[ip]
+
     def _set_lifetime(self, lifetime: int | None, now: float) -> None:
         self.lifetime = lifetime if lifetime else self.requested_lifetime
         self.expires_at = now + self.lifetime
         self._refresh_at = now + REFRESH_FRACTION * self.lifetime
+        if self.keepalive and self._keepalive_at == float("inf"):
+            self._keepalive_at = now + self.keepalive
 
     def _relayed_family(self) -> int:
         return family_of(self.relayed_address[0]) if self.relayed_address else self.family

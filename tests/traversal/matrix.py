@@ -211,7 +211,8 @@ def assert_case(result: CaseResult) -> None:
 
 
 def summary_table(results: dict[tuple[str, str], CaseResult], relay: str) -> str:
-    head = f"NAT pair matrix ({relay})\n{'pair':<36} {'expect':<7} {'path a/b':<14} {'ping':>6} {'path':>6}  result"
+    head = (f"NAT pair matrix ({relay})\n{'pair':<36} {'expect':<7} {'path a/b':<14} {'ping':>6} {'path':>6}"
+            f" {'xfer':>6}  result")
     rows = [head]
     for pair, r in results.items():
         paths = "/".join(str((p or {}).get("path")) for p in (r.peer_a, r.peer_b))
@@ -222,7 +223,8 @@ def summary_table(results: dict[tuple[str, str], CaseResult], relay: str) -> str
             verdict = "ok"
         except AssertionError as e:
             verdict = "FAIL " + str(e).splitlines()[0][:100]
-        rows.append(f"{pair_id(pair):<36} {EXPECTED[pair]:<7} {paths:<14} {ping:>6} {path_t:>6}  {verdict}")
+        xfer = f"{r.transfer_seconds:.2f}" if r.transfer_seconds is not None else "-"
+        rows.append(f"{pair_id(pair):<36} {EXPECTED[pair]:<7} {paths:<14} {ping:>6} {path_t:>6} {xfer:>6}  {verdict}")
     return "\n".join(rows) + "\n"
 
 

@@ -340,9 +340,15 @@ class Scenario:
             if line != "listening":
                 raise ScenarioError(f"transfer server on {addr} did not start: {server.stderr.read()}")  # type: ignore[union-attr]
             start = time.monotonic()
-            sent = src.host.ns.run(PYTHON, TRANSFER, "send", addr, str(port), str(size), check=False, timeout=timeout)
-            took = time.monotonic() - start
-            received, err = server.communicate(timeout=timeout)
+            try:
+                sent = src.host.ns.run(PYTHON, TRANSFER, "send", addr, str(port), str(size), check=False,
+                                       timeout=timeout)
+                took = time.monotonic() - start
+                received, err = server.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired as exc:
+                # What the agents saw during the stall, for whoever reads the failure.
+                raise ScenarioError(f"transfer {src.name} -> {dst.name} ({size} bytes) not done after {timeout} s\n"
+                                    f"{self._stall_report(src, dst)}") from exc
         finally:
             stop_process(server)
             self.extra_processes.remove(server)
@@ -351,6 +357,16 @@ class Scenario:
         if sent.stdout.split() != received.split() or int(sent.stdout.split()[0]) != size:
             raise ScenarioError(f"transfer corrupted: sent {sent.stdout.strip()!r}, received {received.strip()!r} {err}")
         return took
+
+    def _stall_report(self, a: Node, b: Node) -> str:
+        parts = []
+        for me, other in ((a, b), (b, a)):
+            try:
+                entry = json.dumps(self.peer_status(me, other), indent=1)
+            except (control.UapiClientError, OSError) as exc:
+                entry = f"(no status: {exc})"
+            parts.append(f"--- {me.name} status of {other.name}:\n{entry}\n--- {me.name} log:\n{self.log_tail(me, 40)}")
+        return "\n".join(parts)
 
     # -- cleanup -------------------------------------------------------------------------------
 

@@ -70,6 +70,10 @@ def test_token_is_not_in_repr() -> None:
         ("[Rendezvous]\nURL = http://a.example\nName = " + "n" * 65 + "\n", 5, "bad name"),
         ("[Rendezvous]\nURL = http://a.example\n[Rendezvous]\nURL = http://b.example\n", 5,
          "second [Rendezvous] section (first at line 3)"),
+        ("[Rendezvous]\nURL = http://a.example\nServerKey = not-a-key\n", 5, "ServerKey: bad server key"),
+        ("[Rendezvous]\nURL = http://a.example\nServerKey = Zm9vYmFy\n", 5, "bad server key: a key is 44 characters"),
+        ("[Rendezvous]\nURL = http://a.example\nServerKey = " + PEER + "\nserverkey = " + PEER + "\n", 6,
+         "second serverkey in [Rendezvous] (first at line 5)"),
     ],
 )
 def test_errors_name_file_and_line(section: str, line: int, message: str) -> None:
@@ -110,3 +114,22 @@ AllowedIPs = 10.9.0.0/24
 def test_render_without_token_or_name_writes_only_the_url() -> None:
     config = parse_config(f"[Interface]\nPrivateKey = {PRIV_B64}\n[Rendezvous]\nURL = http://r.example\n", "a")
     assert render_config(config).endswith("[Rendezvous]\nURL = http://r.example\n")
+
+
+def test_server_key_is_parsed_pinned_and_written_back(tmp_path) -> None:
+    server = keys.public_key(keys.generate_private_key())
+    text = (f"[Interface]\nPrivateKey = {PRIV_B64}\n[Rendezvous]\nURL = http://r.example\n"
+            f"serverkey = {keys.encode(server)}\n")
+    config = parse_config(text, "a.conf")
+    assert config.rendezvous is not None and config.rendezvous.server_key == server
+    rendered = render_config(config)
+    assert f"[Rendezvous]\nURL = http://r.example\nServerKey = {keys.encode(server)}\n" in rendered
+    path = tmp_path / "again.conf"
+    path.write_text(rendered)
+    assert load_config(str(path)).rendezvous == config.rendezvous
+
+
+def test_without_server_key_nothing_is_pinned() -> None:
+    config = parse_config(f"[Interface]\nPrivateKey = {PRIV_B64}\n[Rendezvous]\nURL = http://r.example\n", "a")
+    assert config.rendezvous is not None and config.rendezvous.server_key is None
+    assert "ServerKey" not in render_config(config)
