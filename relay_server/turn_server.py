@@ -102,7 +102,16 @@ class Coalescer:
         except BlockingIOError:
             pass  # socket buffer full: these datagrams are lost, as they would be one by one
         except OSError as exc:
-            if count > 1 and exc.errno in (errno.EINVAL, errno.EIO, errno.EOPNOTSUPP, errno.ENOPROTOOPT):
+            if count > 1 and exc.errno == errno.EMSGSIZE:
+                # One segment plus headers exceeds the path MTU (full-size ChannelData over
+                # IPv6: 1456 + 48 > 1500). GSO cannot fragment, a plain send can: send this
+                # run one by one, keep GSO for the smaller runs.
+                for off in range(0, len(data), self.seg):
+                    try:
+                        sock.sendto(data[off : off + self.seg], self.dest)  # type: ignore[union-attr]
+                    except OSError:
+                        break
+            elif count > 1 and exc.errno in (errno.EINVAL, errno.EIO, errno.EOPNOTSUPP, errno.ENOPROTOOPT):
                 self.enabled = False
                 for off in range(0, len(data), self.seg):
                     try:
