@@ -142,6 +142,11 @@ class UdpListener(ClientTransport):
             pass  # UDP: a full buffer or an unreachable client loses this datagram only
 
     def readable(self) -> None:
+        # The client->peer hot path. Its receive loop has a twin in
+        # TurnServer._relay_readable (peer->client); they stay separate, with
+        # every lookup hoisted into locals, because a shared helper would cost a
+        # call and attribute loads per packet on the path that sets the relay's
+        # packet rate.
         sock = self.sock
         shell = self.shell
         core = shell.core
