@@ -13,7 +13,7 @@ import time
 import pytest
 
 from overlay.lab.coturn import STUN_PORT, start_turnserver, stop_process
-from tests.lab.udp_agent import UdpAgent
+from tests.lab.udp_agent import AgentPool, UdpAgent
 from tests.lab_fixtures import build_nat_pair
 from tests.support import needs_root, needs_tools
 
@@ -34,17 +34,9 @@ def pair(module_lab, tmp_path_factory):
 
 @pytest.fixture
 def agents():
-    """Starts UdpAgents and closes them all at the end of the test."""
-    started: list[UdpAgent] = []
-
-    def start(ns, port: int | None = None, bind: str = "0.0.0.0") -> UdpAgent:
-        agent = UdpAgent(ns, port or next(_ports), bind)
-        started.append(agent)
-        return agent
-
-    yield start
-    for a in started:
-        a.close()
+    pool = AgentPool(_ports, bind="0.0.0.0")
+    yield pool
+    pool.close()
 
 
 def _punch(a: UdpAgent, b: UdpAgent, stun, duration: float = 2) -> bool:

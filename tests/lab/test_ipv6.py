@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from tests.lab.udp_agent import UdpAgent
+from tests.lab.udp_agent import AgentPool
 from tests.lab_fixtures import build_nat_pair
 from tests.support import needs_root, needs_tools
 
@@ -23,18 +23,11 @@ def pair(module_lab):
 
 @pytest.fixture
 def agents():
-    started: list[UdpAgent] = []
-
-    def start(ns, port: int | None = None, bind: str = "::") -> UdpAgent:
-        # Servers on the relay bind one address: it has two, and a reply from the
-        # other one would rightly not count as a reply at the hosts' firewalls.
-        agent = UdpAgent(ns, port or next(_ports), bind)
-        started.append(agent)
-        return agent
-
-    yield start
-    for a in started:
-        a.close()
+    # Servers on the relay pass bind= one address: it has two, and a reply from
+    # the other one would rightly not count as a reply at the hosts' firewalls.
+    pool = AgentPool(_ports, bind="::")
+    yield pool
+    pool.close()
 
 
 def test_hosts_have_global_ipv6_addresses(pair):

@@ -228,5 +228,23 @@ class UdpAgent:
                 self.proc.wait()
 
 
+class AgentPool:
+    """The UdpAgents one test starts (`pool(ns, port=None, bind=None)`), all closed by `close()`."""
+
+    def __init__(self, ports, bind: str) -> None:
+        self._ports = ports  # shared by a module's tests, so ports never repeat
+        self._bind = bind
+        self._started: list[UdpAgent] = []
+
+    def __call__(self, ns, port: int | None = None, bind: str | None = None) -> UdpAgent:
+        agent = UdpAgent(ns, port or next(self._ports), bind or self._bind)
+        self._started.append(agent)
+        return agent
+
+    def close(self) -> None:
+        for agent in self._started:
+            agent.close()
+
+
 if __name__ == "__main__":
     _serve(sys.argv[1], int(sys.argv[2]))
