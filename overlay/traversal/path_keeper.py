@@ -1,37 +1,68 @@
 """When to probe which endpoints of the rendezvous peers (sans-I/O, fed `now`).
 
-- A peer on a relay path: its direct endpoints are probed every PROBE_INTERVAL while
-  traffic flows, backing off (doubling, up to PROBE_IDLE_MAX) while the tunnel is
-  idle; a connect event (`reset`) brings the full rate back at once. The first pong
-  from a direct endpoint moves the peer onto it (wireguard/paths.py).
-- A peer on a direct path whose active endpoint went silent while we were sending
-  data (`paths.active_looks_dead`): every endpoint is probed, relays included, each
-  PROBE_INTERVAL, so the first that answers takes over well before WireGuard's own
-  15 s handshake timeout.
+While traffic flows (an IP packet went either way within TRAFFIC_RECENT):
+- the active endpoint is probed every ACTIVE_INTERVAL, so its round trip is known and
+  a dead path shows within a fraction of a second even on a one-way stream;
+- direct alternatives every DIRECT_WHILE_RELAYED while the peer is on a relay (the
+  way back to direct must be found within seconds of it opening);
+- other alternatives every ALTERNATIVE_INTERVAL.
+While idle, every interval backs off, doubling up to IDLE_MAX: probes are the
+tunnel's only idle cost besides keepalives. Retrying direct endpoints never stops.
+
+While the active endpoint is in doubt (paths.check_silence: silent while we send, or
+a send error) every endpoint is probed each DOUBT_INTERVAL and the first to answer
+takes over (paths.handle_control). A network change (`network_changed`) or a connect
+event (`reset`) probes everything at once and restores the full rate.
+
+Each tick also counts unanswered probes as lost, lets the cost rule run
+(paths.reconsider) and reports every change of the active endpoint with its reason.
 
 Only rendezvous peers are given to the keeper: a stock WireGuard peer would drop
-probes (they are not IP packets) but there is no point sending them.
+probes (they are not IP packets), so there is no point sending them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from overlay.wireguard import paths
 from overlay.wireguard.device import Datagrams, Device
+from overlay.wireguard.endpoints import Endpoint
+from overlay.wireguard.peer import Peer
 
-PROBE_INTERVAL = 1.0
-PROBE_IDLE_MAX = 30.0
+ACTIVE_INTERVAL = 0.25
+DIRECT_WHILE_RELAYED = 0.5
+ALTERNATIVE_INTERVAL = 2.0
+DOUBT_INTERVAL = 0.2
+DOUBT_FAST_FOR = 10.0  # after this long in doubt with no answer, probe once a second
+IDLE_FIRST = 1.0
+IDLE_MAX = 30.0
+TRAFFIC_RECENT = 2.0
+TICK = 0.05  # how often the shell should call tick()
+
+
+class PathChange(NamedTuple):
+    key: bytes
+    path: str | None
+    endpoint: Endpoint | None
+    reason: str
 
 
 class _ProbeState:
-    __slots__ = ("interval", "next_probe", "path", "traffic")
+    __slots__ = ("active", "idle_interval", "next_active", "next_alternatives", "next_direct", "next_doubt")
 
     def __init__(self) -> None:
-        self.interval = PROBE_INTERVAL
-        self.next_probe = 0.0
-        self.traffic = -1  # user bytes (probes excluded) at the last tick
-        self.path: str | None = None
+        self.next_active = 0.0
+        self.next_alternatives = 0.0
+        self.next_direct = 0.0
+        self.next_doubt = 0.0
+        self.idle_interval = IDLE_FIRST
+        self.active: Endpoint | None = None  # the active endpoint last reported
+
+    def probe_everything_now(self, now: float) -> None:
+        self.next_active = self.next_alternatives = self.next_direct = now
+        self.idle_interval = IDLE_FIRST
 
 
 class PathKeeper:
@@ -42,17 +73,22 @@ class PathKeeper:
         self._state.pop(key, None)
 
     def reset(self, key: bytes, now: float) -> None:
-        """A connect event: probe at the full rate again, starting one interval from now
-        (the punch itself has just probed)."""
+        """A connect event: full rate again, starting one interval from now (the punch
+        itself has just probed)."""
         st = self._state.setdefault(key, _ProbeState())
-        st.interval = PROBE_INTERVAL
-        st.next_probe = now + PROBE_INTERVAL
+        st.idle_interval = IDLE_FIRST
+        st.next_direct = st.next_alternatives = now + DIRECT_WHILE_RELAYED
+
+    def network_changed(self, now: float) -> None:
+        """Our addresses or routes changed: every path may be different now."""
+        for st in self._state.values():
+            st.probe_everything_now(now)
 
     def tick(self, device: Device, keys: Iterable[bytes], now: float
-             ) -> tuple[Datagrams, list[tuple[bytes, str | None]]]:
-        """Probes due now, and the peers whose path changed since the last tick."""
+             ) -> tuple[Datagrams, list[PathChange]]:
+        """Probes due now, and the changes of active endpoint since the last tick."""
         out: Datagrams = []
-        changes: list[tuple[bytes, str | None]] = []
+        changes: list[PathChange] = []
         for key in keys:
             peer = device.peers.get(key)
             if peer is None:
@@ -60,26 +96,58 @@ class PathKeeper:
             st = self._state.get(key)
             if st is None:
                 st = self._state[key] = _ProbeState()
-            path = paths.path_of(peer)
-            if path != st.path and peer.current is not None:
-                st.path = path
-                changes.append((key, path))
-            if path == paths.PATH_DIRECT:
-                if paths.active_looks_dead(peer, now) and now >= st.next_probe:
-                    out.extend(device.probe(peer, peer.endpoints, now))
-                    st.next_probe = now + PROBE_INTERVAL
-                continue
-            if path != paths.PATH_RELAY:
-                continue
-            traffic = peer.rx_bytes + peer.tx_bytes - peer.probe_bytes
-            if traffic != st.traffic:
-                st.traffic = traffic
-                st.interval = PROBE_INTERVAL  # traffic flows: probe at the full rate
-            if now < st.next_probe:
-                continue
-            targets = paths.direct_endpoints(peer)
-            if targets:
-                out.extend(device.probe(peer, targets, now))
-            st.next_probe = now + st.interval
-            st.interval = min(PROBE_IDLE_MAX, st.interval * 2)
+            paths.expire_probes(peer, now)
+            paths.check_silence(peer, now)
+            out.extend(self._probes_due(device, peer, st, now))
+            paths.reconsider(peer, now)
+            changes.extend(self._changes(key, peer, st, now))
         return out, changes
+
+    def _probes_due(self, device: Device, peer: Peer, st: _ProbeState, now: float) -> Datagrams:
+        active = peer.active_endpoint
+        if active is None or peer.current is None:
+            return []
+        if peer.suspect_since is not None:
+            if now < st.next_doubt:
+                return []
+            fast = now - peer.suspect_since < DOUBT_FAST_FOR
+            st.next_doubt = now + (DOUBT_INTERVAL if fast else 1.0)
+            return device.probe(peer, peer.endpoints, now)
+        busy = now - peer.last_user_data < TRAFFIC_RECENT
+        if busy:
+            st.idle_interval = IDLE_FIRST
+        eset = peer.endpoint_set
+        relayed = eset.is_relayed(active)
+        targets: list[Endpoint] = []
+        if now >= st.next_active:
+            targets.append(active)
+            st.next_active = now + (ACTIVE_INTERVAL if busy else st.idle_interval)
+        if relayed and now >= st.next_direct:
+            targets.extend(e for e in paths.direct_endpoints(peer) if e != active)
+            st.next_direct = now + (DIRECT_WHILE_RELAYED if busy else st.idle_interval)
+        if now >= st.next_alternatives:
+            targets.extend(e for e in peer.endpoints
+                           if e != active and e not in targets and not (relayed and not eset.is_relayed(e)))
+            st.next_alternatives = now + (ALTERNATIVE_INTERVAL if busy else st.idle_interval)
+            if not busy:
+                st.idle_interval = min(IDLE_MAX, st.idle_interval * 2)
+        return device.probe(peer, targets, now) if targets else []
+
+    @staticmethod
+    def _changes(key: bytes, peer: Peer, st: _ProbeState, now: float) -> list[PathChange]:
+        active = peer.active_endpoint
+        if peer.current is None:
+            return []
+        if active != st.active and (not peer.path_events or peer.path_events[-1][1] != active):
+            # Changed by something that records no reason: the first session, new candidates.
+            paths.note_switch(peer, now, paths.REASON_FIRST if st.active is None else paths.REASON_ENDPOINTS)
+        st.active = active
+        out = [PathChange(key, _path_of_endpoint(peer, ep), ep, reason) for _, ep, reason in peer.path_events]
+        peer.path_events.clear()
+        return out
+
+
+def _path_of_endpoint(peer: Peer, endpoint: Endpoint | None) -> str | None:
+    if endpoint is None:
+        return None
+    return paths.PATH_RELAY if peer.endpoint_set.is_relayed(endpoint) else paths.PATH_DIRECT

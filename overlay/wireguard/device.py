@@ -375,7 +375,7 @@ class Device:
         self._clear_handshake(peer)
         peer.eyeballs = None
         peer.rx_bytes += len(data)
-        peer.endpoint_set.confirm(src)
+        self._confirm_by_handshake(peer, src, now)
         self._any_authenticated_received(peer, now)
 
         # Reserve our index first (it goes into the response); the keypair that
@@ -431,7 +431,7 @@ class Device:
         # First valid response wins: its source becomes the active endpoint and
         # the copies not yet sent to the other endpoints are no longer needed.
         peer.eyeballs = None
-        peer.endpoint_set.confirm(src)
+        self._confirm_by_handshake(peer, src, now)
         self._any_authenticated_received(peer, now)
         self._install_keypair(peer, kp, now)
         self._handshake_complete(peer, now)
@@ -439,6 +439,13 @@ class Device:
         if not peer.staged:
             peer.staged.append(b"")
         out.extend(self._send_staged(peer, now))
+
+    @staticmethod
+    def _confirm_by_handshake(peer: Peer, src: Endpoint, now: float) -> None:
+        if src != peer.endpoint_set.active:
+            peer.endpoint_set.confirm(src)
+            peer.unanswered_since = peer.suspect_since = None
+            paths.note_switch(peer, now, paths.REASON_HANDSHAKE)
 
     def _handle_cookie_reply(self, data: bytes, now: float) -> None:
         receiver = _U32.unpack_from(data, 4)[0]
@@ -551,6 +558,8 @@ class Device:
         self._any_authenticated_sent(peer, now)
         if data_sent:
             self._data_sent(peer, now)
+            if peer.unanswered_since is None and endpoint == peer.endpoint_set.active:
+                peer.unanswered_since = now  # (paths.check_silence: is it still answering?)
         # Keep the key fresh: the initiator rekeys after REKEY_AFTER_TIME, anyone after too many messages.
         if counter >= REKEY_AFTER_MESSAGES or (
                 kp.initiator and now - kp.created >= REKEY_AFTER_TIME):
@@ -582,6 +591,7 @@ class Device:
             last_dst, last_list = dst, lst
         out: Datagrams = []
         for peer, pkts in by_peer.items():
+            peer.last_user_data = now
             kp = self._usable_send_keypair(peer, now)
             endpoint = peer.endpoint_set.active
             if kp is not None and endpoint is not None and not peer.staged:
@@ -671,10 +681,13 @@ class Device:
                         eset = peer.endpoint_set
                         if src == eset.active:
                             eset.heard[src] = now
+                            peer.unanswered_since = None
                             last_src_ep = src
                         elif (not plain or plain[0] >> 4 != paths.PROBE_NIBBLE) \
-                                and eset.roam(src, now):
+                                and eset.roam(src, now, peer.suspect_since is not None):
                             last_src_ep = src  # roamed (probes never roam)
+                            peer.unanswered_since = peer.suspect_since = None
+                            paths.note_switch(peer, now, paths.REASON_ROAMED)
                         else:
                             eset.heard[src] = now
                     if not plain:
@@ -739,6 +752,7 @@ class Device:
             self._any_authenticated_received(peer, now)
             if peer in got_data:
                 self._data_received(peer, now)
+                peer.last_user_data = now
             if (kp is peer.current and kp.initiator and not peer.sent_lastminute_handshake
                     and now - kp.created >= REKEY_ON_RECEIVE_AGE):
                 peer.sent_lastminute_handshake = True
@@ -835,7 +849,15 @@ class Device:
                      if e != endpoint and now - eset.failed_at.get(e, -1e18) >= REKEY_TIMEOUT]
             if not fresh:
                 continue
+            # The one heard from most recently first: it is the likeliest to work. The
+            # others are probed at once (paths.doubt_active) and the first to answer wins.
+            fresh.sort(key=lambda e: -eset.heard.get(e, -1e18))
             eset.active = fresh[0]
+            peer.unanswered_since = None
+            paths.note_switch(peer, now, paths.REASON_SEND_ERROR)
+            paths.doubt_active(peer, now, paths.REASON_SEND_ERROR)
+            if peer.crossing_tiebreak and self._usable_send_keypair(peer, now) is not None:
+                continue  # an agent peer answers probes: they find the working path
             if peer.eyeballs is not None:
                 # Happy eyeballs were still holding copies back: send them now.
                 msg, _, _ = peer.eyeballs

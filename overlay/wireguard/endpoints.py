@@ -33,6 +33,9 @@ KIND_PRFLX = "prflx"
 # How long a direct active endpoint must have been silent before an authenticated
 # packet from a relay-kind source may pull the peer back onto the relay.
 RELAY_ROAM_HOLD = 5.0
+# An endpoint left on a send or ICMP error is not roamed back onto for this long:
+# packets the peer sent from it before the failure may still arrive after it.
+FAILED_ROAM_HOLD = 1.0
 MAX_HEARD = 64  # "last heard" times kept per peer before unknown sources are forgotten
 
 
@@ -120,6 +123,7 @@ class EndpointSet:
         "heard",
         "kinds",
         "learned",
+        "left_by_choice",
         "max_learned",
     )
 
@@ -135,6 +139,10 @@ class EndpointSet:
         self.kinds: dict[Endpoint, str] = {}
         # endpoint -> core time of the last authenticated packet from it
         self.heard: dict[Endpoint, float] = {}
+        # endpoint -> until when the peer's packets from it do not pull us back onto
+        # it: we left it for a better one (paths.reconsider), and the peer may not
+        # have followed yet.
+        self.left_by_choice: dict[Endpoint, float] = {}
 
     def all(self) -> list[Endpoint]:
         out = list(self.configured)
@@ -196,6 +204,7 @@ class EndpointSet:
             keep.add(self.active)
         self.failed_at = {e: t for e, t in self.failed_at.items() if e in keep}
         self.heard = {e: t for e, t in self.heard.items() if e in keep}
+        self.left_by_choice = {e: t for e, t in self.left_by_choice.items() if e in keep}
 
     def kind_of(self, endpoint: Endpoint) -> str:
         if isinstance(endpoint, RelayEndpoint):
@@ -231,20 +240,25 @@ class EndpointSet:
             self.failed_at.pop(evicted, None)
             self.heard.pop(evicted, None)
 
-    def roam(self, endpoint: Endpoint, now: float) -> bool:
+    def roam(self, endpoint: Endpoint, now: float, active_in_doubt: bool = False) -> bool:
         """A data packet (or keepalive) came from `endpoint`, not the active one: roam
         unless that would pull a working direct path back onto a relay. Returns
         whether the active endpoint is now `endpoint`.
 
         A peer may send single packets through the relay (its own happy eyeballs, a
         handshake answered on every path); only when the direct endpoint has been
-        silent for RELAY_ROAM_HOLD seconds is the relay taken as the better path.
+        silent for RELAY_ROAM_HOLD seconds, or our own probes have put it in doubt
+        (`active_in_doubt`), is the relay taken as the better path.
         """
         if len(self.heard) > MAX_HEARD:
             self._prune()
         active = self.active
-        if (active is not None and self.is_relayed(endpoint) and not self.is_relayed(active)
-                and now - self.heard.get(active, -1e18) < RELAY_ROAM_HOLD):
+        if now - self.failed_at.get(endpoint, -1e18) < FAILED_ROAM_HOLD or (
+                not active_in_doubt and now < self.left_by_choice.get(endpoint, -1e18)):
+            self.heard[endpoint] = now
+            return False
+        if (active is not None and not active_in_doubt and self.is_relayed(endpoint)
+                and not self.is_relayed(active) and now - self.heard.get(active, -1e18) < RELAY_ROAM_HOLD):
             self.heard[endpoint] = now
             return False
         self.confirm(endpoint)

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .constants import KEEPALIVE_TIMEOUT, REKEY_TIMEOUT
+from collections.abc import Callable
+
 from .endpoints import Endpoint, RelayEndpoint
+from .pathstats import LOSSY_OFF, OUTAGE_RUN, WINDOW, PathStats
 
 if TYPE_CHECKING:
     from .device import Datagrams, Device
@@ -31,17 +33,44 @@ PROBE_NIBBLE = 1
 PING = 0x10
 PONG = 0x11
 PROBE_ID_LEN = 8
-MAX_OUTSTANDING = 64  # probe ids remembered per peer (oldest dropped first)
+MAX_OUTSTANDING = 256  # probe ids remembered per peer (oldest dropped first)
 PROBE_FAIL_AFTER = 3.0  # an endpoint unanswered this long shows as "failed"
 HEARD_OK_WITHIN = 30.0  # an endpoint heard from this recently shows as "ok"
 SEND_FAILED_WINDOW = 15.0
 
-# The active endpoint counts as dead when nothing came from it for this long while
-# we were sending data (the session then probes every endpoint, relays included).
-SILENT_ACTIVE = 3.0
+# Silence on the active endpoint while we send, before it is in doubt: a couple of
+# round trips, but not less than this. 0.25 s lets the switch land before TCP's
+# second retransmission (RTO 0.2 s, then 0.4 s later), so a stream pauses < 1 s.
+SILENCE_FLOOR = 0.25
+# A direct endpoint must answer this many probes in a row to take over from a relay.
+UPGRADE_ANSWERS = 3
+# Switching for cost: the alternative must be cheaper by max(COST_MARGIN_ABS,
+# COST_MARGIN_REL * active cost) for COST_HOLD seconds, and at least
+# MIN_BETWEEN_COST_SWITCHES after the last such change. Each change for cost within
+# FLAP_WINDOW doubles that wait (damping), up to FLAP_HOLD_MAX.
+COST_MARGIN_ABS = 0.010
+COST_MARGIN_REL = 0.30
+COST_HOLD = 1.5
+MIN_BETWEEN_COST_SWITCHES = 10.0
+FLAP_WINDOW = 300.0
+FLAP_HOLD_MAX = 300.0
+LOSSY_PENALTY = 1.0  # seconds added to a lossy endpoint's cost: any clean path wins
+RELAY_PENALTY = 0.020  # a relay costs the server's resources: direct wins a near tie
+STATS_FRESH = 10.0  # an endpoint's figures count for cost only if it answered this recently
 
 PATH_DIRECT = "direct"
 PATH_RELAY = "relay"
+
+# Why the active endpoint changed (shown by `overlay status` and logged).
+REASON_SILENT = "active path silent"
+REASON_SEND_ERROR = "send error"
+REASON_DIRECT = "direct path answered"
+REASON_COST = "lower cost"
+REASON_LOSS = "loss on the active path"
+REASON_ROAMED = "peer roamed"
+REASON_ENDPOINTS = "endpoints changed"
+REASON_FIRST = "session established"
+REASON_HANDSHAKE = "handshake from the peer"
 
 
 def is_control(plain: bytes) -> bool:
@@ -62,15 +91,23 @@ def _seal_control(device: Device, peer: Peer, endpoint: Endpoint, payload: bytes
     return out
 
 
+def stats_of(peer: Peer, endpoint: Endpoint) -> PathStats:
+    st = peer.path_stats.get(endpoint)
+    if st is None:
+        st = peer.path_stats[endpoint] = PathStats()
+    return st
+
+
 def send_probes(device: Device, peer: Peer, endpoints: list[Endpoint], now: float) -> Datagrams:
     """A ping to each of `endpoints` (nothing without a usable session)."""
     if device._usable_send_keypair(peer, now) is None:
         return []
     out: Datagrams = []
-    if len(peer.probe_unanswered_since) > MAX_OUTSTANDING:
+    if len(peer.probe_unanswered_since) > MAX_OUTSTANDING or len(peer.path_stats) > MAX_OUTSTANDING:
         known = set(peer.endpoint_set.all())
         peer.probe_unanswered_since = {e: t for e, t in peer.probe_unanswered_since.items() if e in known}
         peer.probe_rtt = {e: t for e, t in peer.probe_rtt.items() if e in known}
+        peer.path_stats = {e: st for e, st in peer.path_stats.items() if e in known}
     for ep in endpoints:
         probe_id = device._rng(PROBE_ID_LEN)
         peer.probes[probe_id] = (ep, now)
@@ -78,7 +115,40 @@ def send_probes(device: Device, peer: Peer, endpoints: list[Endpoint], now: floa
             peer.probes.pop(next(iter(peer.probes)))
         peer.probe_unanswered_since.setdefault(ep, now)
         out.extend(_seal_control(device, peer, ep, bytes([PING]) + probe_id, now))
+        if ep == peer.endpoint_set.active and peer.unanswered_since is None:
+            peer.unanswered_since = now
     return out
+
+
+def ping(device: Device, peer: Peer, now: float,
+         on_pong: Callable[[Endpoint, float], None]) -> Datagrams:
+    """One probe on the active endpoint for a user's `overlay ping`: `on_pong(source,
+    round trip)` is called when its answer arrives (never if it does not)."""
+    active = peer.endpoint_set.active
+    if active is None:
+        return []
+    out = send_probes(device, peer, [active], now)
+    if out:
+        probe_id = next(reversed(peer.probes))
+        peer.pong_hooks[probe_id] = on_pong
+        while len(peer.pong_hooks) > MAX_OUTSTANDING:
+            peer.pong_hooks.pop(next(iter(peer.pong_hooks)))
+    return out
+
+
+def expire_probes(peer: Peer, now: float) -> None:
+    """Probes unanswered for longer than their endpoint allows count as lost."""
+    if not peer.probes:
+        return
+    expired = []
+    for probe_id, (ep, sent) in peer.probes.items():
+        st = stats_of(peer, ep)
+        if now - sent >= st.lost_after():
+            expired.append(probe_id)
+            st.lost()
+    for probe_id in expired:
+        del peer.probes[probe_id]
+        peer.pong_hooks.pop(probe_id, None)
 
 
 def handle_control(device: Device, peer: Peer, plain: bytes, src: Endpoint, now: float) -> Datagrams:
@@ -87,6 +157,8 @@ def handle_control(device: Device, peer: Peer, plain: bytes, src: Endpoint, now:
     probe_id = bytes(plain[1:1 + PROBE_ID_LEN])
     eset = peer.endpoint_set
     eset.heard[src] = now
+    if src == eset.active:
+        peer.unanswered_since = None
     peer.probe_bytes += 32 + len(plain)  # header + tag around the padded plaintext
     if kind == PING:
         out = _seal_control(device, peer, src, bytes([PONG]) + probe_id, now)
@@ -95,21 +167,176 @@ def handle_control(device: Device, peer: Peer, plain: bytes, src: Endpoint, now:
         if eset.is_relayed(eset.active) and not eset.is_relayed(src) and src not in peer.probe_unanswered_since:
             out.extend(send_probes(device, peer, [src], now))
         return out
-    if kind == PONG:
-        sent = peer.probes.pop(probe_id, None)
-        if sent is None:
-            return []
-        peer.probe_unanswered_since.pop(sent[0], None)
-        peer.probe_unanswered_since.pop(src, None)
-        peer.probe_rtt[src] = now - sent[1]
-        eset.failed_at.pop(src, None)
-        active = eset.active
-        if eset.is_relayed(active) and not eset.is_relayed(src):
-            eset.confirm(src)  # relay -> direct, same session
-        elif src != active and now - eset.heard.get(active, -1e18) >= SILENT_ACTIVE:
-            eset.confirm(src)  # the active path went silent; this one answers
+    if kind != PONG:
         return []
+    sent = peer.probes.pop(probe_id, None)
+    if sent is None:
+        return []
+    probed, sent_at = sent
+    rtt = now - sent_at
+    peer.probe_unanswered_since.pop(probed, None)
+    peer.probe_unanswered_since.pop(src, None)
+    peer.probe_rtt[src] = rtt
+    stats_of(peer, probed).answered(rtt)
+    if src != probed:
+        stats_of(peer, src).answered(rtt)
+    eset.failed_at.pop(src, None)
+    hook = peer.pong_hooks.pop(probe_id, None)
+    if hook is not None:
+        hook(src, rtt)
+    active = eset.active
+    if src == active:
+        peer.suspect_since = None
+    elif peer.suspect_since is not None and _may_take_over_from_doubt(peer, src):
+        switch(peer, src, now, peer.path_reason_pending or REASON_SILENT)
+    elif (eset.is_relayed(active) and not eset.is_relayed(src) and _may_upgrade(peer, src, active)
+          and peer.path_reason not in (REASON_COST, REASON_LOSS)):
+        # (A relay chosen for cost is left by the cost rule, with its damping.)
+        switch(peer, src, now, REASON_DIRECT)
     return []
+
+
+def _may_take_over_from_doubt(peer: Peer, src: Endpoint) -> bool:
+    """While the active endpoint is in doubt the first to answer takes over, except
+    that a lossy one needs a real outage of the active one (several probes in a row
+    lost): a lossy direct path is closer than the relay and would win every race."""
+    st = peer.path_stats.get(src)
+    if st is None or not st.lossy:
+        return True
+    active_st = peer.path_stats.get(peer.endpoint_set.active)
+    return active_st is not None and active_st.lost_in_a_row >= OUTAGE_RUN
+
+
+def _may_upgrade(peer: Peer, direct: Endpoint, relay: Endpoint) -> bool:
+    """A direct endpoint replaces the relay once it answered UPGRADE_ANSWERS probes in
+    a row, is not lossy, and does not cost clearly more than the relay."""
+    st = peer.path_stats.get(direct)
+    if st is None or st.lossy or st.answers_in_a_row < UPGRADE_ANSWERS:
+        return False
+    eset = peer.endpoint_set
+    for other, ost in peer.path_stats.items():
+        # A sibling direct endpoint is lossy (e.g. IPv4 and IPv6 over the same bad
+        # link): a few lucky answers are no proof; wait for a full clean window.
+        if other != direct and ost.lossy and not eset.is_relayed(other) and other in eset.kinds:
+            if st.samples < WINDOW or st.loss >= LOSSY_OFF:
+                return False
+    relay_cost = cost(peer, relay)
+    direct_cost = cost(peer, direct)
+    return relay_cost is None or direct_cost is None or direct_cost <= relay_cost + _margin(relay_cost)
+
+
+def cost(peer: Peer, endpoint: Endpoint) -> float | None:
+    """Median round trip, plus LOSSY_PENALTY if lossy and RELAY_PENALTY through a relay."""
+    st = peer.path_stats.get(endpoint)
+    if st is None or st.median_rtt is None:
+        return None
+    c = st.median_rtt
+    if st.lossy:
+        c += LOSSY_PENALTY
+    if peer.endpoint_set.is_relayed(endpoint):
+        c += RELAY_PENALTY
+    return c
+
+
+def _margin(active_cost: float) -> float:
+    return max(COST_MARGIN_ABS, COST_MARGIN_REL * active_cost)
+
+
+def _cost_hold(peer: Peer, now: float) -> float:
+    """The wait after a change for cost: doubled by every other such change within
+    FLAP_WINDOW (flap damping)."""
+    recent = sum(1 for t in peer.cost_switches if now - t < FLAP_WINDOW)
+    return min(FLAP_HOLD_MAX, MIN_BETWEEN_COST_SWITCHES * 2 ** max(0, recent - 1))
+
+
+def _damped(peer: Peer, last: float | None, now: float) -> bool:
+    if last is None:
+        return False
+    return now - last < _cost_hold(peer, now)
+
+
+def reconsider(peer: Peer, now: float) -> None:
+    """Switch to an alternative that has cost clearly less than the active endpoint
+    for COST_HOLD seconds (not while the active one is in doubt: that is handled by
+    the first answer)."""
+    eset = peer.endpoint_set
+    active = eset.active
+    if active is None or peer.suspect_since is not None:
+        peer.cheaper = None
+        return
+    active_cost = cost(peer, active)
+    if active_cost is None:
+        return
+    best, best_cost = None, None
+    for ep in eset.all():
+        if ep == active:
+            continue
+        st = peer.path_stats.get(ep)
+        c = cost(peer, ep)
+        if c is None or st is None or st.lost_in_a_row or now - eset.heard.get(ep, -1e18) > STATS_FRESH:
+            continue
+        if not eset.is_relayed(ep) and eset.is_relayed(active) and not _may_upgrade(peer, ep, active):
+            continue
+        if best_cost is None or c < best_cost:
+            best, best_cost = ep, c
+    if best is None or best_cost is None or best_cost >= active_cost - _margin(active_cost):
+        peer.cheaper = None
+        return
+    if peer.cheaper is None or peer.cheaper[0] != best:
+        peer.cheaper = (best, now)
+        return
+    last = peer.cost_switches[-1] if peer.cost_switches else None
+    if now - peer.cheaper[1] < COST_HOLD or _damped(peer, last, now):
+        return
+    active_st = peer.path_stats.get(active)
+    reason = REASON_LOSS if active_st is not None and active_st.lossy else REASON_COST
+    peer.cost_switches.append(now)
+    eset.left_by_choice[active] = now + _cost_hold(peer, now)
+    switch(peer, best, now, reason)
+
+
+def switch(peer: Peer, endpoint: Endpoint, now: float, reason: str) -> None:
+    """Make `endpoint` the active one (the session stays) and record why."""
+    peer.endpoint_set.confirm(endpoint)
+    peer.suspect_since = None
+    peer.path_reason_pending = None
+    peer.unanswered_since = None
+    peer.cheaper = None
+    note_switch(peer, now, reason)
+
+
+def note_switch(peer: Peer, now: float, reason: str) -> None:
+    peer.path_since = now
+    peer.path_reason = reason
+    peer.path_change_count += 1
+    peer.path_events.append((now, peer.endpoint_set.active, reason))
+    del peer.path_events[:-32]
+
+
+def doubt_active(peer: Peer, now: float, reason: str) -> None:
+    """The active endpoint may be dead: probe everything, first answer takes over."""
+    if peer.suspect_since is None:
+        peer.suspect_since = now
+        peer.path_reason_pending = reason
+
+
+def check_silence(peer: Peer, now: float) -> bool:
+    """Whether the active endpoint has now been silent too long while we sent to it
+    (it is then put in doubt)."""
+    since = peer.unanswered_since
+    active = peer.endpoint_set.active
+    if since is None or active is None or peer.suspect_since is not None:
+        return False
+    st = peer.path_stats.get(active)
+    limit = st.silence_limit(SILENCE_FLOOR) if st is not None else 1.0
+    heard = peer.endpoint_set.heard.get(active, -1e18)
+    if heard >= since:
+        peer.unanswered_since = None
+        return False
+    if now - since < limit:
+        return False
+    doubt_active(peer, now, REASON_SILENT)
+    return True
 
 
 # How long after sending our own initiation a crossing initiation from the peer is
@@ -156,21 +383,6 @@ def endpoint_state(peer: Peer, endpoint: Endpoint, now: float) -> str:
     if heard is not None and now - heard < HEARD_OK_WITHIN:
         return "ok"
     return "trying"
-
-
-def active_looks_dead(peer: Peer, now: float) -> bool:
-    """Data went out at least SILENT_ACTIVE seconds ago and nothing at all came back since.
-
-    The device arms `t_new_handshake` at the first data sent after the last packet
-    received (KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + jitter ahead) and disarms it on any
-    authenticated packet: so it tells when the unanswered sending began.
-    """
-    eset = peer.endpoint_set
-    if peer.t_new_handshake is None or eset.active is None:
-        return False
-    first_unanswered = peer.t_new_handshake - (KEEPALIVE_TIMEOUT + REKEY_TIMEOUT)
-    return (now - first_unanswered >= SILENT_ACTIVE
-            and now - max(eset.heard.values(), default=-1e18) >= SILENT_ACTIVE)
 
 
 def direct_endpoints(peer: Peer) -> list[Endpoint]:

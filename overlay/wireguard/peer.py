@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 from collections import deque
+from collections.abc import Callable
 
 from .allowedips import IPNetwork
 from .constants import MAX_STAGED_PACKETS
@@ -16,6 +17,7 @@ from .cookie import CookieJar
 from .endpoints import Endpoint, EndpointSet
 from .keypair import Keypair
 from .noise import InitiatorState
+from .pathstats import PathStats
 
 
 class Peer:
@@ -73,6 +75,24 @@ class Peer:
         # initiations are settled by key order instead of both being lost.
         self.crossing_tiebreak = False
         self.probe_bytes = 0  # of rx_bytes + tx_bytes, what probes took (not user traffic)
+        self.last_user_data = -1e18  # core time an IP packet last went to or came from the peer
+        # What probes showed per endpoint (pathstats.py), and the path choice (paths.py).
+        self.path_stats: dict[Endpoint, PathStats] = {}
+        self.path_since: float | None = None  # core time the active endpoint last changed
+        self.path_reason = ""  # why it changed then
+        self.path_change_count = 0
+        self.path_events: list[tuple[float, Endpoint | None, str]] = []  # not yet reported
+        # First packet sent to the active endpoint that expects an answer (data or a
+        # probe) since we last heard from it; None while it answers.
+        self.unanswered_since: float | None = None
+        # Set while the active endpoint is in doubt (silent while we send, send error):
+        # every endpoint is probed and the first to answer takes over.
+        self.suspect_since: float | None = None
+        self.path_reason_pending: str | None = None  # the reason the doubt began with
+        # An alternative that costs clearly less than the active one, and since when.
+        self.cheaper: tuple[Endpoint, float] | None = None
+        self.cost_switches: deque[float] = deque(maxlen=16)  # times of changes made for cost
+        self.pong_hooks: dict[bytes, Callable[[Endpoint, float], None]] = {}
 
     def __repr__(self) -> str:
         return f"Peer({base64.b64encode(self.public_key).decode()}, active={self.active_endpoint!r})"

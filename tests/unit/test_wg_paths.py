@@ -268,11 +268,12 @@ def test_a_dead_direct_path_fails_over_to_the_relay_on_probes():
     assert paths.path_of(w.pa) == "direct"
     w.direct_open = False
     w.ping_a_to_b(2.0)  # lost; nothing comes back
-    assert not paths.active_looks_dead(w.pa, 2.0 + paths.SILENT_ACTIVE - 0.1)
-    t = 2.0 + paths.SILENT_ACTIVE + 0.4  # (the device's timer jitter is at most 1/3 s)
-    assert paths.active_looks_dead(w.pa, t)
+    assert not paths.check_silence(w.pa, 2.0 + paths.SILENCE_FLOOR - 0.01)
+    t = 2.0 + 1.0  # no round trip measured yet: 1 s of silence
+    assert paths.check_silence(w.pa, t) and w.pa.suspect_since == t
     w.send(w.a, w.a.probe(w.pa, w.pa.endpoints, t), t)
     assert w.pa.active_endpoint == R_B and paths.path_of(w.pa) == "relay"
+    assert w.pa.path_reason == paths.REASON_SILENT and w.pa.suspect_since is None
     n = len(w.tun[w.b])
     w.ping_a_to_b(t + 0.1)
     assert len(w.tun[w.b]) == n + 1
@@ -283,7 +284,8 @@ def test_a_quiet_but_working_direct_path_is_not_given_up():
     w.ping_a_to_b(1.0)
     w.ping_b_to_a(1.01)
     # Nothing sent for a long while: silence alone is not a dead path.
-    assert not paths.active_looks_dead(w.pa, 100.0)
+    assert not paths.check_silence(w.pa, 100.0)
+    assert w.pa.suspect_since is None
 
 
 def test_an_active_relay_endpoint_dropped_from_the_candidates_is_still_a_relay_path():
