@@ -11,8 +11,9 @@ Each probe ends as an answer (with its round trip) or as lost (no pong within
   OUTAGE_RUN or more losses that ends with an answer was an outage (a path that was
   down, then back), not loss, and is taken out of the window when the answer comes;
 - `lossy`: the verdict with hysteresis, set at LOSSY_ON (with at least LOSSY_MIN_LOST
-  lost probes, so a few unlucky ones on a clean path do not count) and cleared only
-  below LOSSY_OFF over a full window.
+  lost probes, so a few unlucky ones on a clean path do not count, and LOSSY_MIN_ANSWERS
+  answers, since a path that never answers is down, not lossy) and cleared only below
+  LOSSY_OFF over a full window.
 
 Plain data, no clock: callers pass round trips and outcomes.
 """
@@ -28,6 +29,7 @@ OUTAGE_RUN = 4
 LOSSY_ON = 0.25
 LOSSY_MIN_LOST = 10
 LOSSY_OFF = 0.10
+LOSSY_MIN_ANSWERS = 4
 MIN_LOST_AFTER = 1.5  # a probe unanswered this long is lost (slow machines stall pongs for ~1 s)
 
 
@@ -72,7 +74,8 @@ class PathStats:
         if not n:
             return
         if not self.lossy:
-            self.lossy = lost >= LOSSY_MIN_LOST and lost / n >= LOSSY_ON
+            # (An endpoint that hardly ever answers is unreachable, not lossy.)
+            self.lossy = lost >= LOSSY_MIN_LOST and lost / n >= LOSSY_ON and n - lost >= LOSSY_MIN_ANSWERS
         elif n == WINDOW and lost / n < LOSSY_OFF:
             self.lossy = False
 

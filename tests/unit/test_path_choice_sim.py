@@ -185,3 +185,15 @@ def test_swinging_round_trips_are_damped():
         sim.run(t, step=0.02)
     moves = [c for c in sim.changes["a"] if c[0] > start and c[2] in (paths.REASON_COST, paths.REASON_LOSS)]
     assert len(moves) <= 12, moves
+
+
+def test_an_unreachable_endpoint_is_not_lossy_and_does_not_hold_back_the_upgrade():
+    from overlay.wireguard.pathstats import PathStats
+    dead = PathStats()
+    for _ in range(40):
+        dead.lost()
+    assert not dead.lossy and dead.loss == 1.0
+    flaky = PathStats()
+    for i in range(40):
+        flaky.lost() if i % 3 == 0 else flaky.answered(0.01)
+    assert flaky.lossy
