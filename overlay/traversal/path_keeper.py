@@ -6,8 +6,9 @@ While traffic flows (an IP packet went either way within TRAFFIC_RECENT):
 - direct alternatives every DIRECT_WHILE_RELAYED while the peer is on a relay (the
   way back to direct must be found within seconds of it opening);
 - other alternatives every ALTERNATIVE_INTERVAL.
-While idle, every interval backs off, doubling up to IDLE_MAX: probes are the
-tunnel's only idle cost besides keepalives. Retrying direct endpoints never stops.
+While idle, every interval backs off, doubling up to IDLE_MAX for the active endpoint
+(and the direct ones while relayed) and IDLE_ALTERNATIVES_MAX for the rest: probes are
+the tunnel's only idle cost besides keepalives. Retrying direct endpoints never stops.
 
 While the active endpoint is in doubt (paths.check_silence: silent while we send, or
 a send error) every endpoint is probed each DOUBT_INTERVAL and the first to answer
@@ -37,7 +38,8 @@ ALTERNATIVE_INTERVAL = 2.0
 DOUBT_INTERVAL = 0.2
 DOUBT_FAST_FOR = 10.0  # after this long in doubt with no answer, probe once a second
 IDLE_FIRST = 1.0
-IDLE_MAX = 30.0
+IDLE_MAX = 30.0  # for the active endpoint, and direct ones while relayed
+IDLE_ALTERNATIVES_MAX = 120.0  # the rest: only needed once the active one fails
 TRAFFIC_RECENT = 2.0
 TICK = 0.05  # how often the shell should call tick()
 
@@ -119,18 +121,19 @@ class PathKeeper:
         eset = peer.endpoint_set
         relayed = eset.is_relayed(active)
         targets: list[Endpoint] = []
+        idle = min(IDLE_MAX, st.idle_interval)
         if now >= st.next_active:
             targets.append(active)
-            st.next_active = now + (ACTIVE_INTERVAL if busy else st.idle_interval)
+            st.next_active = now + (ACTIVE_INTERVAL if busy else idle)
         if relayed and now >= st.next_direct:
             targets.extend(e for e in paths.direct_endpoints(peer) if e != active)
-            st.next_direct = now + (DIRECT_WHILE_RELAYED if busy else st.idle_interval)
+            st.next_direct = now + (DIRECT_WHILE_RELAYED if busy else idle)
         if now >= st.next_alternatives:
             targets.extend(e for e in peer.endpoints
                            if e != active and e not in targets and not (relayed and not eset.is_relayed(e)))
             st.next_alternatives = now + (ALTERNATIVE_INTERVAL if busy else st.idle_interval)
             if not busy:
-                st.idle_interval = min(IDLE_MAX, st.idle_interval * 2)
+                st.idle_interval = min(IDLE_ALTERNATIVES_MAX, st.idle_interval * 2)
         return device.probe(peer, targets, now) if targets else []
 
     @staticmethod
