@@ -1,4 +1,4 @@
-"""`overlay` command line: genkey, pubkey, join, up, status.
+"""`overlay` command line: genkey, pubkey, join, up, status, ping, netcheck.
 
 User errors (bad config, busy port, missing /dev/net/tun, unknown interface)
 are one line on stderr and a non-zero exit, never a traceback.
@@ -16,12 +16,14 @@ import signal
 import stat
 import sys
 import time
+from itertools import count
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from overlay import control, keys
+from overlay.status_render import format_status  # noqa: F401 - also the module's public API
 from overlay.config import (
     ConfigError,
     Endpoint,
@@ -172,7 +174,8 @@ def _describe_startup_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-async def run_up(config: InterfaceConfig, ifname: str, socket_dir: str, resolve_interval: float) -> int:
+async def run_up(config: InterfaceConfig, ifname: str, socket_dir: str, resolve_interval: float,
+                 metrics_listen: tuple[str, int] | None = None) -> int:
     from overlay.agent import Agent  # imported late: genkey/pubkey need no network stack
 
     # Refuse early, before creating anything, if the name is already served.
@@ -196,6 +199,7 @@ async def run_up(config: InterfaceConfig, ifname: str, socket_dir: str, resolve_
     started = False
     task: asyncio.Task | None = None
     session = None  # the rendezvous session, with a [Rendezvous] section
+    metrics = None
     try:
         try:
             await agent.start()
@@ -203,6 +207,16 @@ async def run_up(config: InterfaceConfig, ifname: str, socket_dir: str, resolve_
             await server.start()
         except Exception as e:  # noqa: BLE001 - any start-up failure is one line, not a traceback
             raise UserError(f"up {ifname}: {_describe_startup_error(e)}") from None
+        if metrics_listen is not None:
+            from overlay.metrics import MetricsServer
+
+            metrics = MetricsServer(agent, *metrics_listen)
+            try:
+                await metrics.start()
+            except OSError as e:
+                metrics = None
+                raise UserError(f"up {ifname}: --metrics {metrics_listen[0]}:{metrics_listen[1]}: "
+                                f"{_describe_startup_error(e)}") from None
         log.info(
             "interface_up",
             interface=ifname,
@@ -226,6 +240,8 @@ async def run_up(config: InterfaceConfig, ifname: str, socket_dir: str, resolve_
             task.cancel()
         if session is not None:
             await session.close()
+        if metrics is not None:
+            await metrics.close()
         await server.close()
         if started:
             await agent.stop()
@@ -244,71 +260,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise UserError(str(e)) from None
     ifname = validate_ifname(args.interface or Path(args.config).stem)
+    metrics_listen = None
+    if args.metrics is not None:
+        from overlay.metrics import parse_listen
+
+        try:
+            metrics_listen = parse_listen(args.metrics)
+        except ValueError as e:
+            raise UserError(f"up: --metrics {e}") from None
     # Logging is set up only once the agent is really going to run.
     setup_logging(args.log_level, args.log_format)
-    return asyncio.run(run_up(config, ifname, args.socket_dir, args.resolve_interval))
+    return asyncio.run(run_up(config, ifname, args.socket_dir, args.resolve_interval, metrics_listen))
 
 
 # ---------------------------------------------------------------------------
 # status
 # ---------------------------------------------------------------------------
-
-
-def _ago(t: float | None, now: float) -> str:
-    if t is None:
-        return "never"
-    secs = max(0, int(now - t))
-    parts = []
-    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
-        if secs >= size or (unit == "second" and not parts):
-            n, secs = divmod(secs, size)
-            parts.append(f"{n} {unit}{'s' if n != 1 else ''}")
-    return ", ".join(parts) + " ago"
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.2f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
-
-
-def format_status(doc: dict[str, Any], now: float | None = None) -> str:
-    now = time.time() if now is None else now
-    lines = [f"interface: {doc['interface']}"]
-    if doc.get("public_key"):
-        lines.append(f"  public key: {doc['public_key']}")
-    lines.append(f"  listening port: {doc['listen_port']}")
-    for peer in doc["peers"]:
-        lines += ["", f"peer: {peer['public_key']}"]
-        if peer.get("name"):
-            lines.append(f"  name: {peer['name']} ({', '.join(peer.get('overlay_ips') or [])})")
-        if peer.get("path"):
-            lines.append(f"  path: {peer['path']}")
-        eps = []
-        addresses = []
-        for ep in peer["endpoints"]:
-            if isinstance(ep, dict):  # with kind and state; the kind matters for candidates
-                addresses.append(ep["endpoint"])
-                if ep["kind"] in ("configured", "learned"):
-                    eps.append(f"{ep['endpoint']} (active)" if ep["state"] == "active" else ep["endpoint"])
-                else:
-                    eps.append(f"{ep['endpoint']} ({ep['kind']}, {ep['state']})")
-                continue
-            addresses.append(ep)
-            eps.append(f"{ep} (active)" if ep == peer["active_endpoint"] else ep)
-        if peer["active_endpoint"] and peer["active_endpoint"] not in addresses:
-            eps.insert(0, f"{peer['active_endpoint']} (active)")
-        lines.append(f"  endpoints: {', '.join(eps) if eps else '(none)'}")
-        if peer["preshared_key"]:
-            lines.append("  preshared key: (hidden)")
-        lines.append(f"  allowed ips: {', '.join(peer['allowed_ips']) or '(none)'}")
-        lines.append(f"  latest handshake: {_ago(peer['latest_handshake'], now)}")
-        lines.append(f"  transfer: {_bytes(peer['rx_bytes'])} received, {_bytes(peer['tx_bytes'])} sent")
-        ka = peer["persistent_keepalive"]
-        lines.append(f"  persistent keepalive: {'every ' + str(ka) + ' seconds' if ka else 'off'}")
-    return "\n".join(lines)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -332,6 +299,184 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print("\n\n".join(format_status(d) for d in docs))
     return 0
+
+
+# ---------------------------------------------------------------------------
+# ping
+# ---------------------------------------------------------------------------
+
+
+def find_peer(docs: list[dict[str, Any]], query: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(interface document, peer entry) for a peer named by its name, one of its
+    overlay addresses, its public key or a unique start of the key (4+ characters)."""
+    exact: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    prefix: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for doc in docs:
+        for peer in doc["peers"]:
+            ips = set(peer.get("overlay_ips") or [])
+            ips |= {net.split("/")[0] for net in peer.get("allowed_ips", []) if net.endswith(("/32", "/128"))}
+            if query in (peer.get("name"), peer["public_key"]) or query in ips:
+                exact.append((doc, peer))
+            elif len(query) >= 4 and peer["public_key"].startswith(query):
+                prefix.append((doc, peer))
+    found = exact or prefix
+    if not found:
+        known = sorted({p.get("name") or p["public_key"][:8] for d in docs for p in d["peers"]})
+        where = ", ".join(d["interface"] for d in docs) or "no running interface"
+        raise UserError(f"ping: no peer {query!r} on {where}" + (f" (peers: {', '.join(known)})" if known else ""))
+    if len(found) > 1:
+        names = ", ".join(f"{p.get('name') or p['public_key'][:8]} on {d['interface']}" for d, p in found)
+        raise UserError(f"ping: {query!r} matches several peers ({names}); name the interface or give the key")
+    return found[0]
+
+
+def _status_docs(interface: str | None, socket_dir: str, what: str) -> list[dict[str, Any]]:
+    if interface:
+        validate_ifname(interface)
+        try:
+            return [control.query_status(interface, socket_dir)]
+        except control.UapiClientError as e:
+            if "cannot connect" in str(e):
+                raise UserError(f"{what}: no running interface {interface} (is `{PROG} up` running?)") from None
+            raise UserError(f"{what}: {e}") from None
+    docs = []
+    for name in control.list_interfaces(socket_dir):
+        try:
+            docs.append(control.query_status(name, socket_dir))
+        except control.UapiClientError:
+            continue  # stale socket, or a stock WireGuard implementation
+    return docs
+
+
+def describe_pong(label: str, seq: int, answer: dict[str, Any], timeout: float) -> str:
+    """One line per probe, like ping(8), naming the path that answered."""
+    if answer.get("reply"):
+        line = (f"reply from {label} over {answer['path']} {answer['endpoint']} ({answer['kind']}): "
+                f"seq={seq} time={answer['rtt_ms']:.2f} ms")
+        if answer.get("sent_to") and answer["sent_to"] != answer["endpoint"]:
+            line += f" (sent to {answer['sent_to']})"
+        return line
+    if answer.get("reason") == "timeout":
+        return (f"no reply from {label}: seq={seq} (sent over {answer.get('sent_path')} {answer.get('sent_to')}, "
+                f"waited {timeout:g} s)")
+    return f"cannot probe {label}: seq={seq}: {answer.get('reason')} (no handshake with it has completed yet)"
+
+
+def ping_summary(label: str, sent: int, rtts: list[float]) -> str:
+    lost = sent - len(rtts)
+    loss = 100.0 * lost / sent if sent else 0.0
+    text = f"--- {label}: {sent} probes sent, {len(rtts)} repl{'y' if len(rtts) == 1 else 'ies'}, {loss:.0f}% lost"
+    if rtts:
+        text += f"; rtt min/avg/max = {min(rtts):.2f}/{sum(rtts) / len(rtts):.2f}/{max(rtts):.2f} ms"
+    return text
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    if args.count < 0 or args.interval <= 0 or not 0 < args.timeout <= 60:
+        raise UserError("ping: -c must be >= 0, -i > 0 and -W between 0 and 60 seconds")
+    docs = _status_docs(args.interface, args.socket_dir, "ping")
+    if not docs:
+        raise UserError(f"ping: no running interface (is `{PROG} up` running?)")
+    doc, peer = find_peer(docs, args.peer)
+    ifname = doc["interface"]
+    key = keys.decode(peer["public_key"])
+    label = peer.get("name") or peer["public_key"][:8]
+    ips = ", ".join(peer.get("overlay_ips") or [])
+    print(f"PING {label}{f' ({ips})' if ips else ''} on {ifname}: in-session probes on the active path")
+    sys.stdout.flush()
+    sent = 0
+    rtts: list[float] = []
+    try:
+        for seq in count(1):
+            if args.count and seq > args.count:
+                break
+            if seq > 1:
+                time.sleep(max(0.0, next_at - time.monotonic()))
+            next_at = time.monotonic() + args.interval
+            try:
+                answer = control.ping_once(ifname, key, args.timeout, args.socket_dir)
+            except control.UapiClientError as e:
+                if "cannot connect" in str(e):
+                    raise UserError(f"ping: interface {ifname} is not running any more") from None
+                raise UserError(f"ping: {e}") from None
+            sent += 1
+            if answer.get("reply"):
+                rtts.append(float(answer["rtt_ms"]))
+            print(describe_pong(label, seq, answer, args.timeout))
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    print(ping_summary(label, sent, rtts))
+    return 0 if rtts else 1
+
+
+# ---------------------------------------------------------------------------
+# netcheck
+# ---------------------------------------------------------------------------
+
+
+def _netcheck_relays(args: argparse.Namespace) -> tuple[list[tuple[str, int]], list[str]]:
+    from overlay import netcheck
+
+    relays: list[tuple[str, int]] = []
+    sources: list[str] = []
+
+    def add(found: list[tuple[str, int]], source: str) -> None:
+        sources.append(source)
+        relays.extend(r for r in found if r not in relays)
+
+    try:
+        for url in args.relay:
+            add([netcheck.relay_from_url(url)], url)
+        target = args.target
+        if target and (os.path.isfile(target) or "/" in target or target.endswith(".conf")):
+            try:
+                config = load_config(target)
+            except ConfigError as e:
+                raise UserError(str(e)) from None
+            urls = [config.rendezvous.url] if config.rendezvous is not None else []
+            urls += [str(u) for u in getattr(config, "relays", None) or []]  # `Relay =` lines
+            found = []
+            for url in urls:
+                try:
+                    found.append(netcheck.relay_from_url(url))
+                except netcheck.NetcheckError:
+                    continue  # a turns: relay: TLS only, nothing to check over UDP
+            if not found:
+                raise UserError(f"netcheck: {target} names no relay (no [Rendezvous] section or Relay line); "
+                                "use --relay URL")
+            add(found, target)
+        elif target or not relays:
+            for doc in _status_docs(target, args.socket_dir, "netcheck"):
+                found = netcheck.relays_from_status(doc)
+                if found:
+                    add(found, f"interface {doc['interface']}")
+    except netcheck.NetcheckError as e:
+        raise UserError(f"netcheck: {e}") from None
+    if not relays:
+        raise UserError("netcheck: no relay to check: give --relay URL, a config file, or a running interface "
+                        "that has a [Rendezvous] section")
+    return relays, sources
+
+
+def cmd_netcheck(args: argparse.Namespace) -> int:
+    from overlay import netcheck
+    from overlay.netcheck_report import format_report
+
+    if not 0 < args.timeout <= 60:
+        raise UserError("netcheck: --timeout must be between 0 and 60 seconds")
+    relays, sources = _netcheck_relays(args)
+    try:
+        servers = netcheck.resolve(relays)
+    except netcheck.NetcheckError as e:
+        raise UserError(f"netcheck: {e}") from None
+    report = asyncio.run(netcheck.netcheck(servers, sources, wait=args.timeout))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    # Non-zero when no relay could be reached at all: the tunnel could not get out.
+    return 0 if report["udp"] or report["tcp_fallback"] else 1
 
 
 # ---------------------------------------------------------------------------
@@ -375,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--log-format", default="kv", choices=["kv", "json"])
     u.add_argument("--resolve-interval", type=float, default=DEFAULT_RESOLVE_INTERVAL,
                    help="seconds between re-resolving hostname endpoints (default 60)")
+    u.add_argument("--metrics", metavar="[ADDR:]PORT",
+                   help="serve Prometheus metrics at http://ADDR:PORT/metrics (ADDR defaults to 127.0.0.1)")
     u.add_argument("--socket-dir", default=control.SOCKET_DIR, help=argparse.SUPPRESS)
     u.set_defaults(func=cmd_up)
 
@@ -394,6 +541,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--socket-dir", default=control.SOCKET_DIR, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_status)
+
+    pg = sub.add_parser("ping", help="probe a peer inside the tunnel session; shows which path answers")
+    pg.add_argument("peer", help="the peer's name, overlay IP address or public key")
+    pg.add_argument("interface", nargs="?", help="interface (default: whichever running one has the peer)")
+    pg.add_argument("-c", "--count", type=int, default=0, help="stop after N probes (default: until Ctrl-C)")
+    pg.add_argument("-i", "--interval", type=float, default=1.0, help="seconds between probes (default 1)")
+    pg.add_argument("-W", "--timeout", type=float, default=1.0, help="seconds to wait for each reply (default 1)")
+    pg.add_argument("--socket-dir", default=control.SOCKET_DIR, help=argparse.SUPPRESS)
+    pg.set_defaults(func=cmd_ping)
+
+    n = sub.add_parser("netcheck", help="check UDP/TCP reachability, NAT mapping and relay latency")
+    n.add_argument("target", nargs="?",
+                   help="a config file (its [Rendezvous] relay) or a running interface (the relays it uses)")
+    n.add_argument("--relay", action="append", default=[], metavar="URL",
+                   help="a relay to check: its rendezvous URL or a stun:/turn: URL (repeatable)")
+    n.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for each relay (default 3)")
+    n.add_argument("--json", action="store_true", help="machine-readable output")
+    n.add_argument("--socket-dir", default=control.SOCKET_DIR, help=argparse.SUPPRESS)
+    n.set_defaults(func=cmd_netcheck)
     return p
 
 

@@ -1,10 +1,16 @@
 """The agent's control socket: `/var/run/wireguard/IFACE.sock`.
 
 The server speaks the WireGuard UAPI (`overlay.uapi` is the codec) so the
-stock `wg show/showconf/set/setconf` work against a running agent, plus one
-extension request, `overlay_status=1`, answered with a JSON document that
-`overlay status` prints (all endpoints of each peer, which one is active).
-A wireguard-go socket does not know that request and closes the connection;
+stock `wg show/showconf/set/setconf` work against a running agent, plus two
+extension requests the stock `wg` never sends:
+
+- `overlay_status=1`, answered with a JSON document that `overlay status` prints
+  (all endpoints of each peer, which one is active, round trips and loss);
+- `overlay_ping=1` with `public_key=HEX` and `timeout_ms=N` lines: one in-session
+  probe to that peer on its active path, answered when its pong arrives (which
+  endpoint answered, the round trip) or when the timeout passes (`overlay ping`).
+
+A wireguard-go socket does not know these requests and closes the connection;
 the client then reports "not an overlay agent".
 
 The socket is created 0600 in a directory created 0700 (if we create it),
@@ -25,6 +31,8 @@ from typing import Any
 
 import structlog
 
+from overlay import keys, path_report
+from overlay.wireguard import paths
 from overlay.uapi import (
     STATUS_OP,
     UapiError,
@@ -40,6 +48,8 @@ log = structlog.get_logger("overlay.control")
 SOCKET_DIR = "/var/run/wireguard"
 MAX_REQUEST_LINES = 100_000  # far beyond any real config; bounds memory per request
 MAX_LINE = 4096
+PING_OP = "overlay_ping=1"
+PING_TIMEOUT_MAX_MS = 60_000
 
 
 class UapiInUse(Exception):
@@ -151,6 +161,13 @@ class UapiServer:
                         return
                     doc = json.dumps(status_dict(self.agent), separators=(",", ":"))
                     writer.write(f"json={doc}\nerrno=0\n\n".encode())
+                elif op == PING_OP:
+                    lines = await self._read_body(reader)
+                    if lines is None:
+                        return
+                    code, answer = await self._ping(lines)
+                    body = f"json={json.dumps(answer, separators=(',', ':'))}\n" if answer is not None else ""
+                    writer.write(f"{body}errno={code}\n\n".encode())
                 else:
                     log.warning("uapi_unknown_operation")
                     return
@@ -180,6 +197,55 @@ class UapiServer:
             if len(lines) >= MAX_REQUEST_LINES:
                 return None
             lines.append(line)
+
+    async def _ping(self, lines: list[str]) -> tuple[int, dict[str, Any] | None]:
+        """One probe on the peer's active path; the answer once its pong came back or
+        the timeout passed. The lock is not held while waiting: a ping must never
+        hold up `wg set`."""
+        fields = dict(line.partition("=")[::2] for line in lines)
+        try:
+            key = keys.decode_hex(fields.get("public_key", ""))
+            timeout_ms = int(fields.get("timeout_ms", "1000"))
+        except (keys.InvalidKey, ValueError):
+            return errno_mod.EINVAL, None
+        if not 0 < timeout_ms <= PING_TIMEOUT_MAX_MS:
+            return errno_mod.EINVAL, None
+        peer = self.agent.device.peers.get(key)
+        if peer is None:
+            return errno_mod.ENOENT, None
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future = loop.create_future()
+
+        def on_pong(source: Any, rtt: float) -> None:
+            if not answered.done():
+                answered.set_result((source, rtt))
+
+        active = peer.active_endpoint
+        async with self._lock:
+            try:
+                out = paths.ping(self.agent.device, peer, _now(self.agent), on_pong)
+                self.agent.send_device_output(out)
+            except Exception as e:  # noqa: BLE001 - a bug must not kill the socket
+                log.error("uapi_ping_failed", error=type(e).__name__, reason=str(e))
+                return errno_mod.EIO, None
+        if not out:
+            # No active endpoint or no session yet: nothing can carry a probe.
+            reason = "no endpoint" if active is None else "no session"
+            return 0, {"reply": False, "reason": reason, "sent_to": None}
+        sent_to = path_report.describe(active)
+        try:
+            source, rtt = await asyncio.wait_for(answered, timeout_ms / 1000)
+        except (TimeoutError, asyncio.TimeoutError):
+            return 0, {"reply": False, "reason": "timeout", "sent_to": sent_to,
+                       "sent_path": path_report.path_kind(peer, active)}
+        return 0, {
+            "reply": True,
+            "sent_to": sent_to,
+            "endpoint": path_report.describe(source),
+            "path": path_report.path_kind(peer, source),
+            "kind": path_report.kind_of(peer, source),
+            "rtt_ms": round(rtt * 1000, 3),
+        }
 
     async def _set(self, lines: list[str]) -> int:
         async with self._lock:
@@ -253,6 +319,26 @@ def query_status(ifname: str, socket_dir: str = SOCKET_DIR, timeout: float = 5.0
         if line.startswith("json="):
             return json.loads(line[5:])
     raise UapiClientError(f"{path}: status answer without json")
+
+
+def ping_once(ifname: str, public_key: bytes, timeout: float = 1.0,
+              socket_dir: str = SOCKET_DIR) -> dict[str, Any]:
+    """One `overlay_ping` exchange: the agent's answer (reply or not, path, round trip)."""
+    path = socket_path(ifname, socket_dir)
+    text = f"{PING_OP}\npublic_key={keys.encode_hex(public_key)}\ntimeout_ms={max(1, round(timeout * 1000))}\n\n"
+    try:
+        # The socket waits a little longer than the agent does, so its timeout answer wins.
+        lines = request(path, text, timeout + 5.0)
+    except UapiClientError as e:
+        if "closed without an answer" in str(e):
+            raise UapiClientError(f"{ifname}: not an overlay agent (no ping extension)") from None
+        if f"errno={errno_mod.ENOENT}" in str(e):
+            raise UapiClientError(f"{ifname}: the agent has no such peer") from None
+        raise
+    for line in lines:
+        if line.startswith("json="):
+            return json.loads(line[5:])
+    raise UapiClientError(f"{path}: ping answer without json")
 
 
 def list_interfaces(socket_dir: str = SOCKET_DIR) -> list[str]:

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from overlay import keys
+from overlay import keys, path_report
 from overlay.wireguard import paths
 from overlay.config import Endpoint, IPNetwork, format_endpoint, parse_cidr
 
@@ -309,12 +309,14 @@ def status_dict(agent: Any) -> dict[str, Any]:
                 # The active path: "relay" when it goes through a TURN relay (ours or the peer's).
                 "path": paths.path_of(peer),
                 "endpoint": None if peer.active_endpoint is None else _describe_endpoint(peer.active_endpoint),
+                # Round trip, loss, since when and why (path_report.py).
+                **path_report.active_path(peer, agent.monotonic_to_wall),
                 "endpoints": [
                     {
                         "endpoint": _describe_endpoint(e),
                         "kind": "configured" if e in peer.configured_endpoints else eset.kind_of(e),
                         "state": paths.endpoint_state(peer, e, now),
-                        "rtt_ms": round(peer.probe_rtt[e] * 1000, 2) if e in peer.probe_rtt else None,
+                        **path_report.endpoint_stats(peer, e),  # rtt_ms, loss, probes, lossy
                     }
                     for e in listed
                 ],
