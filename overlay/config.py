@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from overlay import keys
+from overlay.traversal.relay_choice import parse_turn_url
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -70,6 +71,10 @@ class InterfaceConfig:
     source: str = "<memory>"  # file path, for messages
     # With a rendezvous, addresses and peers may also come from the relay.
     rendezvous: RendezvousConfig | None = None
+    # `Relay =` lines ([Interface] or [Rendezvous]): TURN servers used next to the ones
+    # the rendezvous hands out, with the same (TURN REST) credentials; the agent
+    # allocates on the closest and fails over between them.
+    relays: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------
@@ -220,6 +225,15 @@ def parse_node_name(value: str) -> str:
     return value
 
 
+def parse_relay_url(value: str) -> str:
+    """`turn:host[:port][?transport=udp|tcp]` or `turns:host[:port]`; returned unchanged."""
+    parsed = parse_turn_url(value)
+    if parsed is None or parsed[0] == "stun":
+        raise ValueError(f"bad relay {value!r}: expected turn:HOST[:PORT][?transport=udp|tcp] "
+                         "or turns:HOST[:PORT]")
+    return value
+
+
 def _split_list(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
@@ -242,6 +256,7 @@ class _Parser:
         self.rendezvous: dict[str, str] = {}  # lower-case key -> value
         self.rendezvous_key_lines: dict[str, int] = {}
         self.rendezvous_server_key: bytes | None = None
+        self.relays: list[str] = []
 
     def error(self, line: int | None, message: str) -> ConfigError:
         return ConfigError(self.source, line, message)
@@ -308,6 +323,8 @@ class _Parser:
         elif k == "mtu":
             self.mtu = _parse_int(value, "MTU", MIN_MTU_IPV4, MAX_MTU)
             self.mtu_line = lineno
+        elif k == "relay":
+            self.add_relays(value)
         elif k in IGNORED_INTERFACE_KEYS:
             pass  # host setup done by wg-quick; not ours to do
         else:
@@ -315,9 +332,12 @@ class _Parser:
 
     def rendezvous_key(self, lineno: int, key: str, value: str) -> None:
         k = key.lower()
+        if k == "relay":  # several allowed, like Address
+            self.add_relays(value)
+            return
         parsers = {"url": parse_rendezvous_url, "token": parse_token, "name": parse_node_name}
         if k not in parsers and k != "serverkey":
-            raise self.error(lineno, f"unknown key {key!r} in [Rendezvous] (known: URL, Token, Name, ServerKey)")
+            raise self.error(lineno, f"unknown key {key!r} in [Rendezvous] (known: URL, Token, Name, ServerKey, Relay)")
         if k in self.rendezvous_key_lines:
             raise self.error(lineno, f"second {key} in [Rendezvous] (first at line {self.rendezvous_key_lines[k]})")
         if k == "serverkey":
@@ -325,6 +345,15 @@ class _Parser:
         else:
             self.rendezvous[k] = parsers[k](value)
         self.rendezvous_key_lines[k] = lineno
+
+    def add_relays(self, value: str) -> None:
+        items = _split_list(value)
+        if not items:
+            raise ValueError("empty relay")
+        for item in items:
+            url = parse_relay_url(item)
+            if url not in self.relays:
+                self.relays.append(url)
 
     def peer_key(self, lineno: int, key: str, value: str) -> None:
         peer = self.peers[-1]
@@ -393,6 +422,7 @@ class _Parser:
             peers=self.peers,
             source=self.source,
             rendezvous=rendezvous,
+            relays=self.relays,
         )
 
 
@@ -432,6 +462,7 @@ def render_config(config: InterfaceConfig) -> str:
         lines.append("Address = " + ", ".join(str(a) for a in config.addresses))
     if config.mtu is not None:
         lines.append(f"MTU = {config.mtu}")
+    lines += [f"Relay = {url}" for url in config.relays]
     if config.rendezvous is not None:
         lines += ["", "[Rendezvous]", f"URL = {config.rendezvous.url}"]
         if config.rendezvous.name is not None:

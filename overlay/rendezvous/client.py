@@ -29,6 +29,7 @@ import base64
 import binascii
 import hmac
 import json
+import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -37,6 +38,14 @@ import aiohttp
 from overlay.stun.credentials import TurnCredentials
 
 from . import proof
+
+
+# Reconnect backoff: 1 s doubling, capped low. A relay restart takes seconds, and while the
+# rendezvous is away our new candidates (a new relayed address after that very restart)
+# reach nobody; a reconnect attempt costs one TCP handshake.
+RECONNECT_MIN = 1.0
+RECONNECT_MAX = 4.0
+RECONNECT_JITTER = 0.2
 
 
 class RendezvousError(Exception):
@@ -200,8 +209,8 @@ class RendezvousClient:
                 f"announced {_text(seen)}; refusing (a man in the middle, or the relay's key was replaced: "
                 "if the operator confirms the new key, update ServerKey in the config)")
 
-    async def keep_connected(self, token: str | None = None, min_delay: float = 1.0, max_delay: float = 30.0,
-                             connected: asyncio.Event | None = None) -> None:
+    async def keep_connected(self, token: str | None = None, min_delay: float = RECONNECT_MIN,
+                             max_delay: float = RECONNECT_MAX, connected: asyncio.Event | None = None) -> None:
         """Stay connected: reconnect with exponential backoff after any drop (server restart,
         network change) and publish the last candidates again. Returns when the operator
         removed this node from every network; raises on a refused key or token."""
@@ -228,7 +237,8 @@ class RendezvousClient:
                 if connected is not None:
                     connected.clear()
             await self.close()
-            await asyncio.sleep(delay)
+            # Jittered, so the nodes of a restarted relay do not all come back in step.
+            await asyncio.sleep(delay * random.uniform(1 - RECONNECT_JITTER, 1 + RECONNECT_JITTER))
             delay = min(max_delay, delay * 2)
 
     async def close(self) -> None:

@@ -26,7 +26,7 @@ from overlay.wireguard.endpoints import RelayEndpoint
 from . import demux
 from .stream import StreamFramer
 from .stun_probe import normalize
-from .turn_client import FAILED, KEEPALIVE_INTERVAL, READY, TurnClient
+from .turn_client import FAILED, KEEPALIVE_INTERVAL, LIVENESS_INTERVAL, READY, TurnClient
 
 log = structlog.get_logger("overlay.traversal.relay")
 
@@ -49,6 +49,11 @@ class Allocation:
         self._timer: asyncio.TimerHandle | None = None
         self._state = turn.state
         self.closed = False
+        # Bookkeeping of whoever chose this relay (the gatherer): which relay it belongs
+        # to, which of its transports this is, and whether it ever worked.
+        self.relay_key: tuple[str, int] | None = None
+        self.transport_index = 0
+        self.was_ready = False
 
     def __repr__(self) -> str:
         return f"Allocation({self.transport}, {self.turn!r})"
@@ -187,7 +192,7 @@ class RelayPath:
         # keepalive: the relay path is the standby of peers on a direct path, idle for
         # long stretches; our NAT must still let the server's packets in when it is needed.
         turn = TurnClient(server, credentials, family=family, stream=transport != "udp",
-                          software="overlay", keepalive=KEEPALIVE_INTERVAL)
+                          software="overlay", keepalive=KEEPALIVE_INTERVAL, liveness=LIVENESS_INTERVAL)
         old = self.allocations.get(turn.server)
         if old is not None:
             old.close()
@@ -203,10 +208,12 @@ class RelayPath:
     def ready(self) -> list[Allocation]:
         return [a for a in self.allocations.values() if a.ready]
 
-    def send(self, payload: bytes, endpoint: RelayEndpoint) -> None:
+    def send(self, payload: bytes, endpoint: RelayEndpoint) -> bool:
+        """False when no working allocation on that server can carry it."""
         alloc = self.allocations.get(endpoint.server)
-        if alloc is not None:
-            alloc.send(payload, endpoint.peer)
+        if alloc is None or alloc.turn.state != READY:
+            return False
+        return alloc.send(payload, endpoint.peer)
 
     def handle_udp(self, data: bytes, addr: tuple[str, int]) -> bool:
         """A non-WireGuard datagram on the tunnel socket: ours if it came from a UDP allocation's server."""

@@ -42,7 +42,9 @@ from overlay.wireguard.peer import Peer
 
 from .candidates import Candidate, parse_candidates
 from .gatherer import Gatherer
+from .path_keeper import TICK as PROBE_TICK
 from .path_keeper import PathKeeper
+from .keepalive import NatKeepalive
 from .tasks import BackgroundTasks
 
 log = structlog.get_logger("overlay.traversal.session")
@@ -52,7 +54,6 @@ CONNECT_MIN_INTERVAL = 3.0  # per peer, between our `connect` requests
 # A new handshake with a session whose peer was heard within this many seconds is a
 # rekey, not a lost path: no hole punching needed.
 SILENT_BEFORE_CONNECT = 10.0
-PROBE_TICK = 0.5
 # Seconds after a connect event when both sides send again: the first packets may
 # reach the other NAT before its own outbound packets opened it, and a handshake
 # in flight is only retransmitted by WireGuard after 5 s.
@@ -124,8 +125,10 @@ class RendezvousSession:
         self.static_keys = {pc.public_key for pc in agent.config.peers}
         self.static_keepalive = {pc.public_key: pc.persistent_keepalive for pc in agent.config.peers}
         self.gatherer = Gatherer(agent, self._publish, lambda: self.client.turn,
-                                 urlsplit(url).hostname, on_relay_ready=self._relay_ready)
+                                 urlsplit(url).hostname, on_relay_ready=self._relay_ready,
+                                 extra_relays=list(getattr(agent.config, "relays", [])))
         self.gatherer.on_addresses = self._check_rendezvous_address
+        self.nat_keepalive = NatKeepalive(agent, self.gatherer)  # automatic keepalives through NATs
         self.connected = asyncio.Event()
         self.error: str | None = None
         self.assigned_addresses: list = []
@@ -138,11 +141,13 @@ class RendezvousSession:
         self.agent.traversal = self
         self.agent.device.on_new_handshake = self._on_new_handshake
         self.gatherer.start()
+        self.nat_keepalive.start()
         self._tasks.spawn(self._run())
         self._tasks.spawn(self._probe_loop())
 
     async def close(self) -> None:
         self._tasks.cancel_all()
+        self.nat_keepalive.close()
         self.gatherer.close()
         if self.agent.device.on_new_handshake == self._on_new_handshake:
             self.agent.device.on_new_handshake = None
@@ -186,6 +191,9 @@ class RendezvousSession:
             await self._apply_memberships()
             for network in list(self.client.peers):
                 self._sync_network(network)
+            # Reconnected: the relay process may have restarted and lost our allocation;
+            # ask it now (437 -> allocate again) rather than at the next liveness check.
+            self.gatherer.check_relays()
             self.gatherer.regather()
             while self.connected.is_set():
                 await asyncio.sleep(0.2)
@@ -282,11 +290,13 @@ class RendezvousSession:
             peer.crossing_tiebreak = True
             self._route_sources(network, nets)
             if new_peer or cands != info.candidates:
+                before = set(peer.endpoint_set.all())
                 info.candidates = cands
                 self._set_endpoints(peer, info)
                 changed = True
                 if not new_peer:
                     repunch.append(key_b64)
+                    self._probe_new_endpoints(peer, before, now)
         for key, info in list(self.peers.items()):
             if network in info.networks and key not in present:
                 self._drop(network, info.key_b64, sync=False)
@@ -296,6 +306,17 @@ class RendezvousSession:
             self.agent.changed()
         for key_b64 in repunch:
             self._punch_if_waiting(key_b64)
+
+    def _probe_new_endpoints(self, peer: Peer, before: set, now: float) -> None:
+        """The peer published new candidates while we have a session: probe them at once.
+        After its relay restarted (or it moved to another relay) the relayed address we
+        send to is gone; the first pong from its new one takes over (paths.handle_control)
+        instead of waiting for the path keeper's next round."""
+        added = [e for e in peer.endpoint_set.all() if e not in before]
+        if added and self.agent.device._usable_send_keypair(peer, now) is not None:
+            out = self.agent.device.probe(peer, added, now)
+            if out:
+                self.agent.send_device_output(out)
 
     def _punch_if_waiting(self, key_b64: str) -> None:
         """New endpoints for a peer we have no session with yet: try them at once. (If
@@ -381,6 +402,8 @@ class RendezvousSession:
             self._tasks.spawn(ws.close())
 
     def _publish(self, cands: list[Candidate]) -> None:
+        # New candidates follow an address or route change: every path may differ now.
+        self.keeper.network_changed(time.monotonic())
         log.info("candidates", candidates=[f"{c.kind} {c.ip}:{c.port}" for c in cands])
         self._tasks.spawn(self._publish_async([c.to_dict() for c in cands]))
 
@@ -440,11 +463,11 @@ class RendezvousSession:
             out, changes = self.keeper.tick(self.agent.device, list(self.peers), now)
             if out:
                 self.agent.send_device_output(out)
-            for key, path in changes:
-                info = self.peers.get(key)
-                peer = self.agent.device.peers.get(key)
-                if info is not None and peer is not None:
-                    log.info("path", peer=info.name, path=path, endpoint=str(peer.active_endpoint))
+            for change in changes:
+                info = self.peers.get(change.key)
+                if info is not None:
+                    log.info("path changed", peer=info.name, path=change.path,
+                             endpoint=str(change.endpoint), reason=change.reason)
             if now - last_turn_check > 30:
                 last_turn_check = now
                 self._maybe_refresh_turn()
@@ -477,9 +500,14 @@ class RendezvousSession:
             "candidates": [c.to_dict() for c in self.gatherer.candidates],
             "relays": [{"server": f"{a.server[0]}:{a.server[1]}", "transport": a.transport,
                         "state": a.turn.state,
+                        # the allocation whose relayed address we publish (others are being
+                        # made, or retired after a move to a closer relay)
+                        "active": a in self.gatherer.active_allocations(),
                         "relayed": None if a.turn.relayed_address is None
                         else f"{a.turn.relayed_address[0]}:{a.turn.relayed_address[1]}"}
                        for a in self.gatherer.relay.allocations.values()],
+            # NAT mapping lifetime and the automatic keepalive interval it gives (keepalive.py)
+            "nat_keepalive": self.nat_keepalive.summary(),
         }
 
     def peer_info(self, key: bytes) -> tuple[str, list[str]] | None:

@@ -20,7 +20,10 @@ keep=True)`: a peer on a direct path still needs its permission on our allocatio
 the standby path, or a later failover to the relay finds the server dropping its
 packets. Over UDP, with `keepalive=KEEPALIVE_INTERVAL`, a Binding indication goes to the server
 that often so the NAT in front of us keeps the mapping the server sends our relayed traffic
-to, also while the allocation carries nothing. Error answers never raise: they move the client to
+to, also while the allocation carries nothing. With `liveness=LIVENESS_INTERVAL` a Refresh goes
+out that often: unlike the indication it is answered, so a relay that went away (no answer
+within GIVE_UP_AFTER: "relay silent") or restarted and forgot us (437) is noticed within
+one interval instead of at the next scheduled refresh minutes later. Error answers never raise: they move the client to
 `failed` with a `TurnFailure` saying what happened and whether retrying can help;
 when to retry is the caller's decision (`retry_delay`).
 
@@ -57,6 +60,10 @@ BIND_RETRY = 1.0  # a ChannelBind that got no answer is sent again after this  #
 # NATs drop idle UDP mappings after as little as 30 s (the lab's NATs do); without one,
 # everything the server relays to us is filtered out. A 20-byte indication keeps it.
 KEEPALIVE_INTERVAL = 15.0
+# How often a Refresh checks that the server still holds the allocation (RelayPath's choice;
+# a restarted relay answers 437, a dead one nothing). The rendezvous reconnecting after a
+# relay restart triggers a check at once (`refresh`), so this only bounds the silent cases.
+LIVENESS_INTERVAL = 30.0
 MAX_NONCE_RETRIES = 3  # 438 answers in a row before the server is considered broken
 # After a channel binding lapses its number may not be reused for another peer for
 # 5 minutes (RFC 8656 12); numbers are handed out round-robin so that never happens
@@ -129,7 +136,7 @@ class _Channel:
 class TurnClient:
     def __init__(self, server: tuple, credentials: TurnCredentials, *, family: int = 4, stream: bool = False,
                  lifetime: int = DEFAULT_LIFETIME, software: str | None = None,
-                 keepalive: float | None = None) -> None:
+                 keepalive: float | None = None, liveness: float | None = None) -> None:
         if family not in (4, 6):
             raise ValueError(f"relayed address family must be 4 or 6, not {family!r}")
         self.server: Address = normalize(server)
@@ -139,6 +146,10 @@ class TurnClient:
         self.software = software
         # Seconds between Binding indications over UDP (None: none; see KEEPALIVE_INTERVAL).
         self.keepalive = keepalive if not stream else None
+        # Seconds between Refreshes that prove the server still holds the allocation (None:
+        # only the one at REFRESH_FRACTION of the lifetime). Over streams too: a relay host
+        # that vanished without closing the connection is otherwise noticed minutes later.
+        self.liveness = liveness
         self._creds = credentials
         self.realm = ""
         self._nonce = b""
@@ -151,6 +162,7 @@ class TurnClient:
         self.expires_at = 0.0
         self._refresh_at = float("inf")
         self._keepalive_at = float("inf")
+        self._liveness_at = float("inf")
         self._txs: dict[bytes, _Tx] = {}
         self._out: list[bytes] = []
         self._perms: dict[str, _Permission] = {}
@@ -212,7 +224,7 @@ class TurnClient:
     def next_deadline(self) -> float | None:
         times = [tx.next_send for tx in self._txs.values()]
         if self.state == READY:
-            times.append(min(self._refresh_at, self.expires_at, self._keepalive_at))
+            times.append(min(self._refresh_at, self.expires_at, self._keepalive_at, self._liveness_at))
             times += [p.refresh_at for p in self._perms.values() if not p.pending]
             times += [c.refresh_at for c in self._channels.values() if not c.pending]
         due = [t for t in times if t != float("inf")]
@@ -234,6 +246,10 @@ class TurnClient:
         if now >= self.expires_at:
             self._fail(0, "allocation expired: no Refresh succeeded in time", True)
             return
+        if now >= self._liveness_at:
+            self._liveness_at = float("inf")  # re-armed by the answer
+            if not any(tx.kind == "refresh" for tx in self._txs.values()):
+                self._refresh_at = min(self._refresh_at, now)
         if now >= self._refresh_at:
             self._refresh_at = float("inf")  # re-armed by the answer (or the timeout)
             lifetime = self.requested_lifetime
@@ -500,7 +516,13 @@ class TurnClient:
             self._fail(0, f"no answer from TURN server {self.server[0]}:{self.server[1]} over {transport} "
                           f"within {GIVE_UP_AFTER:g} s", True)
         elif tx.kind == "refresh" and self.state == READY:
-            self._refresh_at = now  # retried at once; `expires_at` bounds the attempts
+            # Every retransmission over GIVE_UP_AFTER went unanswered (or, over a stream,
+            # the one request): the server is gone or unreachable. Waiting for the
+            # allocation to expire would keep publishing a dead relayed address for
+            # minutes; the caller allocates again, here or on another relay.
+            transport = "stream" if self.stream else "UDP"
+            self._fail(0, f"relay silent: no answer to Refresh from {self.server[0]}:{self.server[1]} "
+                          f"over {transport} within {GIVE_UP_AFTER:g} s", True)
         elif tx.kind == "permission":
             self._permission_failed(str(tx.arg), now)
         elif tx.kind == "bind" and isinstance(tx.arg, _Channel):
@@ -525,6 +547,7 @@ class TurnClient:
         self.expires_at = 0.0
         self._refresh_at = float("inf")
         self._keepalive_at = float("inf")
+        self._liveness_at = float("inf")
 
     def _fail(self, code: int, reason: str, retryable: bool) -> None:
         self.state = FAILED
@@ -550,6 +573,8 @@ class TurnClient:
         self.lifetime = lifetime if lifetime else self.requested_lifetime
         self.expires_at = now + self.lifetime
         self._refresh_at = now + REFRESH_FRACTION * self.lifetime
+        if self.liveness:
+            self._liveness_at = now + self.liveness
         if self.keepalive and self._keepalive_at == float("inf"):
             self._keepalive_at = now + self.keepalive
 

@@ -133,3 +133,29 @@ def test_without_server_key_nothing_is_pinned() -> None:
     config = parse_config(f"[Interface]\nPrivateKey = {PRIV_B64}\n[Rendezvous]\nURL = http://r.example\n", "a")
     assert config.rendezvous is not None and config.rendezvous.server_key is None
     assert "ServerKey" not in render_config(config)
+
+
+def test_relay_lines_in_either_section_several_allowed_and_written_back() -> None:
+    text = f"""\
+[Interface]
+PrivateKey = {PRIV_B64}
+Relay = turn:203.0.113.20:3478?transport=udp
+
+[Rendezvous]
+URL = http://203.0.113.10:8080
+relay = turns:relay2.example.org, turn:[2001:db8::20]:3480?transport=tcp
+Relay = turn:203.0.113.20:3478?transport=udp
+"""
+    config = parse_config(text, "node.conf")
+    assert config.relays == ["turn:203.0.113.20:3478?transport=udp", "turns:relay2.example.org",
+                             "turn:[2001:db8::20]:3480?transport=tcp"]  # file order, duplicates once
+    assert parse_config(render_config(config), "again.conf").relays == config.relays
+
+
+@pytest.mark.parametrize("value", ["stun:203.0.113.20", "http://203.0.113.20", "turn:203.0.113.20:99999",
+                                   "turn:203.0.113.20?transport=sctp", "203.0.113.20:3478", ""])
+def test_bad_relay_is_refused_with_file_and_line(value: str) -> None:
+    text = f"[Interface]\nPrivateKey = {PRIV_B64}\n\n[Rendezvous]\nURL = http://203.0.113.10:8080\nRelay = {value}\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "node.conf")
+    assert str(info.value).startswith("node.conf:6: Relay:"), str(info.value)

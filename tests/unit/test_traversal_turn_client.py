@@ -207,15 +207,85 @@ def test_refresh_at_80_percent_of_lifetime_and_on_answer_extends():
     assert turn.next_deadline() == pytest.approx(580.1 + 480.0)
 
 
-def test_refresh_without_answers_ends_in_expiry():
+def test_refresh_without_answers_means_the_relay_is_silent():
+    """A Refresh nobody answers (all retransmissions over 5 s): the relay is gone. The
+    client says so at once instead of publishing a dead relayed address until expiry."""
+    turn = ready(now=0.0)
+    t = 0.0
+    sent = []
+    while turn.state == READY and t < 2000:
+        t = turn.next_deadline()
+        turn.handle_timers(t)
+        sent += [(t, m.parse(d).method) for d in turn.datagrams_to_send()]
+    assert turn.state == FAILED and "relay silent" in turn.reason and turn.failure.retryable
+    assert turn.failure.code == 0
+    assert sent[0] == (pytest.approx(480.0), m.REFRESH) and len(sent) >= 4  # retransmitted
+    assert t == pytest.approx(485.0)  # well before the allocation would expire at 600 s
+
+
+def test_allocation_expires_when_refreshes_keep_failing_transiently():
     turn = ready(now=0.0)
     t = 0.0
     while turn.state == READY and t < 2000:
         t = turn.next_deadline()
         turn.handle_timers(t)
-        turn.datagrams_to_send()
+        for req in turn.datagrams_to_send():  # 500: try again shortly, until expiry
+            turn.unwrap(reply(req, m.ERROR, error=500), t)
     assert turn.state == FAILED and "expired" in turn.reason
     assert t == pytest.approx(600.0)
+
+
+def test_server_lifetime_is_honoured():
+    """The server may grant less than we asked: the refresh follows its figure."""
+    turn = TurnClient(SERVER, CREDS)
+    turn.start(0.0)
+    signed = challenge(turn, one(turn), 0.0)
+    turn.unwrap(reply(signed, m.SUCCESS, attrs=[(m.LIFETIME, struct.pack("!I", 60))],
+                      xor=[(m.XOR_RELAYED_ADDRESS, RELAYED)]), 0.0)
+    assert turn.lifetime == 60 and turn.expires_at == 60.0
+    assert turn.next_deadline() == pytest.approx(48.0)
+    turn.handle_timers(48.0)
+    req = one(turn)
+    turn.unwrap(reply(req, m.SUCCESS, attrs=[(m.LIFETIME, struct.pack("!I", 30))]), 48.0)
+    assert turn.expires_at == pytest.approx(78.0) and turn.next_deadline() == pytest.approx(72.0)
+
+
+def test_liveness_refresh_notices_a_restarted_relay_within_one_interval():
+    """A relay restarted on the same address has no allocation for us: the periodic
+    liveness Refresh gets 437 and the client reports the allocation lost (the caller
+    allocates again)."""
+    turn = ready(now=0.0, liveness=tcm.LIVENESS_INTERVAL)
+    assert turn.next_deadline() == pytest.approx(tcm.LIVENESS_INTERVAL)
+    turn.handle_timers(tcm.LIVENESS_INTERVAL - 0.1)
+    assert turn.datagrams_to_send() == []
+    turn.handle_timers(tcm.LIVENESS_INTERVAL)
+    req = m.parse(one(turn))
+    assert req.method == m.REFRESH and req.check_integrity(KEY)
+    # Answered: checked again one interval later, and the lifetime restarts.
+    turn.unwrap(reply(req.raw, m.SUCCESS, attrs=[(m.LIFETIME, struct.pack("!I", 600))]), 30.0)
+    assert turn.next_deadline() == pytest.approx(60.0) and turn.expires_at == pytest.approx(630.0)
+    turn.handle_timers(60.0)
+    req = one(turn)
+    turn.unwrap(reply(req, m.ERROR, error=437), 60.05)
+    assert turn.state == FAILED and turn.failure.code == 437 and turn.failure.retryable
+
+
+def test_liveness_refresh_unanswered_over_a_stream_fails_after_give_up():
+    turn = ready(now=0.0, liveness=10.0, stream=True)
+    turn.handle_timers(10.0)
+    assert m.parse(one(turn)).method == m.REFRESH
+    assert turn.next_deadline() == pytest.approx(10.0 + tcm.GIVE_UP_AFTER)
+    turn.handle_timers(10.0 + tcm.GIVE_UP_AFTER)
+    assert turn.datagrams_to_send() == []  # a stream does not retransmit
+    assert turn.state == FAILED and "relay silent" in turn.reason
+
+
+def test_refresh_now_checks_at_once_and_only_once():
+    turn = ready(now=0.0, liveness=30.0)
+    turn.refresh(5.0)
+    turn.refresh(5.0)
+    turn.handle_timers(5.0)
+    assert [m.parse(d).method for d in turn.datagrams_to_send()] == [m.REFRESH]
 
 
 def test_refresh_stale_nonce_is_retried_and_437_fails():
@@ -386,3 +456,38 @@ def test_signed_but_defective_success_does_not_consume_the_transaction():
     assert turn.datagrams_to_send() == [signed]  # still retransmitting the same request
     turn.unwrap(reply(signed, m.SUCCESS, xor=[(m.XOR_RELAYED_ADDRESS, RELAYED)]), 0.3)
     assert turn.state == READY and turn.lifetime == tcm.DEFAULT_LIFETIME
+
+
+def test_pinned_permission_channel_and_allocation_never_lapse_over_hours():
+    """Two hours idle with a pinned peer (a direct peer's relay standby), a fake server
+    that loses every third request: every permission (300 s), channel (600 s) and the
+    allocation (600 s) is renewed before it expires on the server."""
+    turn = ready(now=0.0, keepalive=tcm.KEEPALIVE_INTERVAL, liveness=tcm.LIVENESS_INTERVAL)
+    turn.permit(PEER[0], 0.0, keep=True)
+    turn.bind(PEER, 0.0, keep=True)
+    renewed = {"permission": [0.0], "channel": [0.0], "allocation": [0.0]}
+    requests = 0
+    t = 0.0
+    while t < 7200.0:
+        for data in turn.datagrams_to_send():
+            msg = m.parse(data)
+            if msg.cls != m.REQUEST:
+                continue
+            requests += 1
+            if requests % 3 == 0:
+                continue  # lost
+            kind = {m.CREATE_PERMISSION: "permission", m.CHANNEL_BIND: "channel", m.REFRESH: "allocation"}
+            renewed[kind[msg.method]].append(t)
+            if msg.method == m.CHANNEL_BIND:
+                renewed["permission"].append(t)  # a ChannelBind refreshes the permission too
+            attrs = [(m.LIFETIME, struct.pack("!I", 600))] if msg.method == m.REFRESH else []
+            turn.unwrap(reply(data, m.SUCCESS, attrs=attrs), t)
+        t = turn.next_deadline()
+        turn.handle_timers(t)
+    assert turn.state == READY and turn.has_permission(PEER[0]) and turn.channel_of(PEER) is not None
+    for kind, lifetime in (("permission", 300.0), ("channel", 600.0), ("allocation", 600.0)):
+        times = sorted(renewed[kind])
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert max(gaps) < lifetime, (kind, max(gaps))
+    # ... and not wastefully often: the permission about every 240 s, the channel every 480 s.
+    assert len(renewed["channel"]) < 7200 / 480 * 2 + 2
