@@ -23,6 +23,7 @@ from .net import netlink
 from .net import offload
 from .net.tun import open_tun
 from .net.udp import UdpSockets, bind_pair
+from .wireguard import paths
 from .wireguard.device import Device
 from .wireguard.endpoints import Endpoint, direct_endpoint, normalize
 
@@ -31,6 +32,9 @@ log = structlog.get_logger("overlay.agent")
 DEFAULT_MTU = 1420
 TUN_BURST = 128  # packets read from the TUN per readiness callback
 UDP_BURST = 64  # recvmsg calls per readiness callback (each may carry a GRO batch)
+# ICMP errors about one endpoint acted on at most this often: a peer's host that
+# rejects every datagram must not turn each of them into a path change.
+ICMP_HOLD = 0.5
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -69,6 +73,9 @@ class Agent:
         self.other_datagram_handler: Callable[[bytes, tuple], None] | None = None
         # Sender for endpoint kinds other than direct (ip, port) tuples (e.g. TURN relays).
         self.endpoint_sender: Callable[[bytes, Endpoint], None] | None = None
+        # Told about every ICMP unreachable error (the traversal gatherer: one of its TURN
+        # servers, or the relayed address of a peer on the same relay, may have gone away).
+        self.unreachable_handler: Callable[[tuple], None] | None = None
         # Preferred source address per routed network (rendezvous peers: our overlay
         # address of the same network, whatever other addresses the interface has).
         self.route_sources: dict[IPNetwork, str] = {}
@@ -83,6 +90,7 @@ class Agent:
         self._route_lock = asyncio.Lock()
         self._route_tasks: set[asyncio.Task] = set()
         self._running = False
+        self._icmp_acted: dict[Endpoint, float] = {}  # endpoint -> last ICMP error acted on
 
     def __repr__(self) -> str:
         return f"Agent({self.ifname!r}, port={self.listen_port})"
@@ -218,6 +226,8 @@ class Agent:
                     self.endpoint_sender(data, ep)
         failures: list[tuple[Endpoint, int]] = []
         udp.send_batch(direct, lambda ep, err: failures.append((ep, err)))
+        if udp.icmp_errors:
+            self._on_icmp_errors(depth)
         if failures and report_failures and depth < 3:
             now = time.monotonic()
             seen = set()
@@ -230,6 +240,45 @@ class Agent:
                 more.extend(self.device.send_failed(ep, err, now))
             self._send(more, depth=depth + 1)
             self._schedule()
+
+    def _on_icmp_errors(self, depth: int = 0) -> None:
+        """Destination-unreachable errors about a peer's endpoint: leave it at once,
+        as after a failed send, instead of waiting for the path to look silent."""
+        udp = self._udp
+        if udp is None:
+            return
+        errors, udp.icmp_errors = udp.icmp_errors, []
+        now = time.monotonic()
+        known: set | None = None
+        more: list[tuple[bytes, Endpoint]] = []
+        for err in errors:
+            if not err.unreachable:
+                continue
+            try:
+                ep = direct_endpoint(*err.destination)
+            except ValueError:
+                continue
+            if self.unreachable_handler is not None:
+                try:
+                    self.unreachable_handler(err.destination)  # a TURN server of ours (or on its host)?
+                except Exception as exc:  # a plugin bug must not stop the tunnel
+                    log.error("unreachable handler failed", error=repr(exc))
+            last = self._icmp_acted.get(ep)
+            if last is not None and now - last < ICMP_HOLD:
+                continue
+            if known is None:
+                known = {e for p in self.device.peers.values() for e in p.endpoint_set.all()}
+            if ep not in known:
+                continue  # a STUN/TURN server or a stranger: not a path of ours
+            if len(self._icmp_acted) > 256:
+                self._icmp_acted = {e: t for e, t in self._icmp_acted.items() if now - t < ICMP_HOLD}
+            self._icmp_acted[ep] = now
+            log.info("ICMP error, leaving endpoint", endpoint=str(ep), errno=err.errno,
+                     icmp_type=err.icmp_type, icmp_code=err.icmp_code, offender=err.offender)
+            more.extend(self.device.send_failed(ep, err.errno, now, paths.REASON_ICMP))
+        if more and depth < 3:
+            self._send(more, depth=depth + 1)
+        self._schedule()
 
     # ----------------------------------------------------------------- timers
     def _schedule(self) -> None:
@@ -315,6 +364,12 @@ class Agent:
         items: list[tuple[bytes, tuple]] = []
         others: list[tuple[bytes, tuple]] = []
         udp.drain(sock, UDP_BURST, items, others)
+        if not items and not others:
+            # Woken with nothing to read: an unread ICMP error would keep the socket
+            # flagged (EPOLLERR) and this callback spinning.
+            udp.collect_errors(sock)
+        if udp.icmp_errors:
+            self._on_icmp_errors()
         if items:
             packets, out = self.device.datagrams(items, time.monotonic())
             fd = self._tun_fd

@@ -4,6 +4,12 @@ Receiving drains the socket in a loop (`recvmsg_into` into a reused buffer,
 UDP_GRO so one call can return many coalesced datagrams); sending groups
 equal-sized datagrams to one destination into a single `sendmsg` with
 UDP_SEGMENT. Both cut the per-datagram Python overhead that dominates here.
+
+ICMP errors (port/host unreachable from the path or the peer's host) are asked
+for with IP_RECVERR / IPV6_RECVERR and read from the socket's error queue only
+when the kernel says one is pending: a receive or a send on the socket then
+fails once with the error's errno. They are collected in `icmp_errors` for the
+agent, which moves peers off a destination that answers with them.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import select
 import socket
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 
 SOL_UDP = 17
 UDP_SEGMENT = 103
@@ -29,6 +36,103 @@ _I = struct.Struct("=i")
 UNREACHABLE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL,
                                 errno.EAFNOSUPPORT, errno.EINVAL, errno.EPERM,
                                 errno.ECONNREFUSED, errno.EACCES})
+
+# The error queue (linux/errqueue.h, linux/in.h, linux/in6.h).
+IP_RECVERR = 11
+IPV6_RECVERR = 25
+MSG_ERRQUEUE = 0x2000
+SO_EE_ORIGIN_ICMP = 2
+SO_EE_ORIGIN_ICMP6 = 3
+_EXTENDED_ERR = struct.Struct("=IBBBBII")  # ee_errno, origin, type, code, pad, info, data
+_ERRQUEUE_ANC = 512
+ERRQUEUE_READS = 64  # per collection: a flood of ICMP errors must not hold the loop
+# What a pending ICMP error makes the next recv or send on the socket fail with
+# (icmp_err_convert / icmpv6_err_convert); the datagram was not sent then.
+ICMP_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED,
+                         errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET, errno.EACCES,
+                         errno.EPROTO, errno.EOPNOTSUPP})
+
+
+@dataclass(frozen=True)
+class IcmpError:
+    """An ICMP error the kernel matched to a datagram we sent."""
+
+    destination: tuple[str, int]  # where that datagram was going
+    errno: int
+    origin: int  # SO_EE_ORIGIN_ICMP or SO_EE_ORIGIN_ICMP6
+    icmp_type: int
+    icmp_code: int
+    offender: str | None  # the address that sent the ICMP (a router, or the host itself)
+
+    @property
+    def unreachable(self) -> bool:
+        """Destination unreachable (any code but "fragmentation needed", which is a
+        path MTU matter, not a dead path)."""
+        if self.origin == SO_EE_ORIGIN_ICMP:
+            return self.icmp_type == 3 and self.icmp_code != 4
+        return self.origin == SO_EE_ORIGIN_ICMP6 and self.icmp_type == 1
+
+
+def enable_icmp_errors(sock: socket.socket) -> bool:
+    """Ask the kernel to report ICMP errors for this unconnected socket (off by default)."""
+    try:
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        return True
+    except OSError:
+        return False
+
+
+def _offender(raw: bytes) -> str | None:
+    """SO_EE_OFFENDER: the sockaddr that follows sock_extended_err."""
+    if len(raw) < 8:
+        return None
+    family = struct.unpack_from("=H", raw, 0)[0]
+    try:
+        if family == socket.AF_INET:
+            return socket.inet_ntop(socket.AF_INET, raw[4:8])
+        if family == socket.AF_INET6 and len(raw) >= 24:
+            return socket.inet_ntop(socket.AF_INET6, raw[8:24])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def parse_error_message(ancdata: list, addr) -> IcmpError | None:
+    """One error-queue message (ancillary data, original destination) -> IcmpError,
+    or None when it is not an ICMP error (e.g. a local one)."""
+    for level, typ, data in ancdata:
+        if not ((level == socket.IPPROTO_IP and typ == IP_RECVERR)
+                or (level == socket.IPPROTO_IPV6 and typ == IPV6_RECVERR)):
+            continue
+        if len(data) < _EXTENDED_ERR.size:
+            return None
+        ee_errno, origin, icmp_type, icmp_code, _pad, _info, _data = _EXTENDED_ERR.unpack_from(data, 0)
+        if origin not in (SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6):
+            return None
+        if not addr or len(addr) < 2:
+            return None
+        return IcmpError((str(addr[0]), int(addr[1])), ee_errno, origin, icmp_type, icmp_code,
+                         _offender(bytes(data[_EXTENDED_ERR.size:])))
+    return None
+
+
+def read_errors(sock: socket.socket, limit: int = ERRQUEUE_READS) -> list[IcmpError]:
+    """Empty the socket's error queue (up to `limit` messages), returning the ICMP errors."""
+    out: list[IcmpError] = []
+    for _ in range(limit):
+        try:
+            _data, ancdata, _flags, addr = sock.recvmsg(1, _ERRQUEUE_ANC, MSG_ERRQUEUE)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            break
+        err = parse_error_message(ancdata, addr)
+        if err is not None:
+            out.append(err)
+    return out
 
 
 def _tune(sock: socket.socket) -> bool:
@@ -93,6 +197,9 @@ class UdpSockets:
         self.gro = {s: _tune(s) for s in (s4, s6) if s is not None}
         self.gso = True
         self.send_drops = 0  # datagrams dropped because the socket buffer was full
+        # ICMP errors read from the sockets' error queues, for the agent to take.
+        self.icmp_errors: list[IcmpError] = []
+        self.icmp = {s: enable_icmp_errors(s) for s in self.sockets()}
         self._pollers = {}
         for s in self.sockets():
             poller = select.poll()
@@ -135,7 +242,10 @@ class UdpSockets:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                continue  # e.g. an ICMP error queued on the socket
+                # An ICMP error is pending (the call reported it instead of data):
+                # take it from the error queue, then go on reading.
+                self.collect_errors(sock)
+                continue
             n = len(buf)
             if not n:
                 continue
@@ -160,6 +270,13 @@ class UdpSockets:
                     wg_append((view[off:end], addr))
                 else:
                     others.append((bytes(view[off:end]), addr))
+
+    def collect_errors(self, sock: socket.socket) -> None:
+        """Move what the socket's error queue holds into `icmp_errors`. Cheap when the
+        queue is empty (one failing syscall); the agent calls it only when a read found
+        nothing or failed, since an unread queue keeps the socket flagged (EPOLLERR)."""
+        if self.icmp.get(sock):
+            self.icmp_errors.extend(read_errors(sock))
 
     def send_batch(self, items: list[tuple[bytes, tuple]],
                    on_error: Callable[[tuple, int], None]) -> None:
@@ -194,6 +311,27 @@ class UdpSockets:
         if sock is None:
             on_error(ep, errno.EAFNOSUPPORT)
             return
+        err = self._send_once(sock, items, i, j, size, addr)
+        if err in ICMP_ERRNOS and self.icmp.get(sock):
+            # Perhaps an ICMP error about an earlier datagram (to any destination),
+            # which the kernel reports on this send instead of sending it: if the
+            # error queue holds one, this destination is innocent; send again.
+            before = len(self.icmp_errors)
+            self.collect_errors(sock)
+            if len(self.icmp_errors) > before:
+                err = self._send_once(sock, items, i, j, size, addr)
+        if err is None:
+            return
+        if err == errno.EIO and j - i > 1:
+            # GSO not possible on this path (e.g. no checksum offload): send singly.
+            self.gso = False
+            for k in range(i, j):
+                self._send_run(items, k, k + 1, len(items[k][0]), ep, on_error)
+            return
+        on_error(ep, err)
+
+    def _send_once(self, sock, items, i, j, size, addr) -> int | None:
+        """None when sent (or dropped for a full buffer), else the errno."""
         try:
             if j - i == 1:
                 sock.sendto(items[i][0], addr)
@@ -203,10 +341,5 @@ class UdpSockets:
         except (BlockingIOError, InterruptedError):
             self.send_drops += j - i  # socket buffer full: dropped, as a router would
         except OSError as exc:
-            if exc.errno == errno.EIO and j - i > 1:
-                # GSO not possible on this path (e.g. no checksum offload): send singly.
-                self.gso = False
-                for k in range(i, j):
-                    self._send_run(items, k, k + 1, len(items[k][0]), ep, on_error)
-                return
-            on_error(ep, exc.errno or 0)
+            return exc.errno or 0
+        return None

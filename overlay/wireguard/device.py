@@ -556,6 +556,8 @@ class Device:
         kp.send_counter = counter
         peer.tx_bytes += tx
         self._any_authenticated_sent(peer, now)
+        if endpoint == peer.endpoint_set.active:
+            peer.last_sent_active = now  # (auto keepalive: the NAT mapping was just used)
         if data_sent:
             self._data_sent(peer, now)
             if peer.unanswered_since is None and endpoint == peer.endpoint_set.active:
@@ -775,6 +777,10 @@ class Device:
             for t in peer.deadlines():
                 if best is None or t < best:
                     best = t
+            if peer.auto_keepalive and peer.last_sent_active is not None:
+                t = peer.last_sent_active + peer.auto_keepalive
+                if best is None or t < best:
+                    best = t
         return best
 
     def handle_timers(self, now: float) -> Datagrams:
@@ -819,7 +825,19 @@ class Device:
                     out.extend(self._keepalive(peer, now))
                     if peer.t_persistent is None:  # nothing could be sent: try again later
                         peer.t_persistent = now + peer.persistent_keepalive
+            if peer.auto_keepalive and peer.last_sent_active is not None \
+                    and now >= peer.last_sent_active + peer.auto_keepalive:
+                # Nothing went out to the active endpoint for a whole interval: the
+                # NAT mapping would lapse. (Without a session this starts a handshake,
+                # which goes out on the same path and holds the mapping too.)
+                out.extend(self._keepalive(peer, now))
+                peer.last_sent_active = now
         return out
+
+    def set_auto_keepalive(self, peer: Peer, seconds: float) -> None:
+        """Keep the peer's active path warm: a keepalive whenever nothing was sent to
+        it for `seconds` (0 = off). The shell re-arms its timer afterwards."""
+        peer.auto_keepalive = max(0.0, float(seconds))
 
     def probe(self, peer: Peer, endpoints: list[Endpoint], now: float) -> Datagrams:
         """In-session pings to `endpoints` (see paths.py); nothing without a session."""
@@ -831,7 +849,8 @@ class Device:
         return self._send_staged(peer, now)
 
     # ---------------------------------------------------------------- endpoints
-    def send_failed(self, endpoint: Endpoint, err: int, now: float) -> Datagrams:
+    def send_failed(self, endpoint: Endpoint, err: int, now: float,
+                    reason: str = paths.REASON_SEND_ERROR) -> Datagrams:
         """The shell could not send to `endpoint` (ENETUNREACH, EHOSTUNREACH, ...).
 
         If it was a peer's active endpoint, switch to another endpoint at once
@@ -854,8 +873,8 @@ class Device:
             fresh.sort(key=lambda e: -eset.heard.get(e, -1e18))
             eset.active = fresh[0]
             peer.unanswered_since = None
-            paths.note_switch(peer, now, paths.REASON_SEND_ERROR)
-            paths.doubt_active(peer, now, paths.REASON_SEND_ERROR)
+            paths.note_switch(peer, now, reason)
+            paths.doubt_active(peer, now, reason)
             if peer.crossing_tiebreak and self._usable_send_keypair(peer, now) is not None:
                 continue  # an agent peer answers probes: they find the working path
             if peer.eyeballs is not None:

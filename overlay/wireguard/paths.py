@@ -64,6 +64,7 @@ PATH_RELAY = "relay"
 # Why the active endpoint changed (shown by `overlay status` and logged).
 REASON_SILENT = "active path silent"
 REASON_SEND_ERROR = "send error"
+REASON_ICMP = "ICMP error"
 REASON_DIRECT = "direct path answered"
 REASON_COST = "lower cost"
 REASON_LOSS = "loss on the active path"

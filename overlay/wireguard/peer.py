@@ -26,6 +26,12 @@ class Peer:
         self.preshared_key: bytes | None = None
         self.allowed_ips: list[IPNetwork] = []
         self.persistent_keepalive = 0
+        # Automatic keepalive (seconds, 0 = off) for a path through a NAT, set by the
+        # traversal session from the measured mapping lifetime (traversal/keepalive.py).
+        # Unlike PersistentKeepalive only what we send to the active endpoint counts:
+        # a NAT mapping is held by outbound packets, not by the peer's.
+        self.auto_keepalive = 0.0
+        self.last_sent_active: float | None = None  # core time we last sent to the active endpoint
         self.endpoint_set = EndpointSet()
         self.cookies = CookieJar(public_key)
         # DH(our static, their static), precomputed; None if their key is a bad point.
