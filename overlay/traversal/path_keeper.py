@@ -32,7 +32,7 @@ from overlay.wireguard.device import Datagrams, Device
 from overlay.wireguard.endpoints import Endpoint
 from overlay.wireguard.peer import Peer
 
-ACTIVE_INTERVAL = 0.25
+ACTIVE_INTERVAL = paths.ACTIVE_PROBE_INTERVAL
 DIRECT_WHILE_RELAYED = 0.5
 ALTERNATIVE_INTERVAL = 2.0
 DOUBT_INTERVAL = 0.2
@@ -100,6 +100,7 @@ class PathKeeper:
                 st = self._state[key] = _ProbeState()
             paths.expire_probes(peer, now)
             paths.check_silence(peer, now)
+            paths.resolve_doubt(peer, now)
             out.extend(self._probes_due(device, peer, st, now))
             paths.reconsider(peer, now)
             changes.extend(self._changes(key, peer, st, now))

@@ -283,6 +283,11 @@ class Device:
         self._any_authenticated_sent(peer, now)
         peer.t_retransmit = now + REKEY_TIMEOUT + self._jitter()
         first, others = targets[0], targets[1:]
+        if peer.crossing_tiebreak and now - peer.endpoint_set.heard.get(first, -1e18) < REKEY_TIMEOUT:
+            # A rekey of an agent peer on a path that works: the probes choose paths,
+            # so the handshake stays on this one (a copy answered first through the
+            # relay would otherwise move the session there).
+            others = []
         out: Datagrams = [(msg, first)]
         if others:
             if self.happy_eyeballs_delay <= 0:
@@ -442,10 +447,18 @@ class Device:
 
     @staticmethod
     def _confirm_by_handshake(peer: Peer, src: Endpoint, now: float) -> None:
-        if src != peer.endpoint_set.active:
-            peer.endpoint_set.confirm(src)
-            peer.unanswered_since = peer.suspect_since = None
-            paths.note_switch(peer, now, paths.REASON_HANDSHAKE)
+        eset = peer.endpoint_set
+        if src == eset.active:
+            return
+        if peer.crossing_tiebreak:
+            # An agent peer: a handshake moves the path only as far as its data would
+            # (not a working direct path onto a relay, not back to a path we left).
+            if not eset.roam(src, now, paths.may_follow_peer(peer, now)):
+                return
+        else:
+            eset.confirm(src)
+        peer.unanswered_since = peer.suspect_since = None
+        paths.note_switch(peer, now, paths.REASON_HANDSHAKE)
 
     def _handle_cookie_reply(self, data: bytes, now: float) -> None:
         receiver = _U32.unpack_from(data, 4)[0]
@@ -685,11 +698,12 @@ class Device:
                             eset.heard[src] = now
                             peer.unanswered_since = None
                             last_src_ep = src
-                        elif (not plain or plain[0] >> 4 != paths.PROBE_NIBBLE) \
-                                and eset.roam(src, now, peer.suspect_since is not None):
-                            last_src_ep = src  # roamed (probes never roam)
-                            peer.unanswered_since = peer.suspect_since = None
-                            paths.note_switch(peer, now, paths.REASON_ROAMED)
+                        elif not plain or plain[0] >> 4 != paths.PROBE_NIBBLE:
+                            peer.data_elsewhere_at = now
+                            if eset.roam(src, now, paths.may_follow_peer(peer, now)):
+                                last_src_ep = src  # roamed (probes never roam)
+                                peer.unanswered_since = peer.suspect_since = None
+                                paths.note_switch(peer, now, paths.REASON_ROAMED)
                         else:
                             eset.heard[src] = now
                     if not plain:

@@ -42,6 +42,7 @@ SEND_FAILED_WINDOW = 15.0
 # round trips, but not less than this. 0.25 s lets the switch land before TCP's
 # second retransmission (RTO 0.2 s, then 0.4 s later), so a stream pauses < 1 s.
 SILENCE_FLOOR = 0.25
+ACTIVE_PROBE_INTERVAL = 0.25  # how often the active endpoint is probed while traffic flows
 # A direct endpoint must answer this many probes in a row to take over from a relay.
 UPGRADE_ANSWERS = 3
 # Switching for cost: the alternative must be cheaper by max(COST_MARGIN_ABS,
@@ -50,7 +51,7 @@ UPGRADE_ANSWERS = 3
 # FLAP_WINDOW doubles that wait (damping), up to FLAP_HOLD_MAX.
 COST_MARGIN_ABS = 0.010
 COST_MARGIN_REL = 0.30
-COST_HOLD = 1.5
+COST_HOLD = 4.0
 MIN_BETWEEN_COST_SWITCHES = 10.0
 FLAP_WINDOW = 300.0
 FLAP_HOLD_MAX = 300.0
@@ -146,7 +147,8 @@ def expire_probes(peer: Peer, now: float) -> None:
         st = stats_of(peer, ep)
         if now - sent >= st.lost_after():
             expired.append(probe_id)
-            st.lost()
+            if sent >= st.forgive_before:
+                st.lost(sent)
     for probe_id in expired:
         del peer.probes[probe_id]
         peer.pong_hooks.pop(probe_id, None)
@@ -178,9 +180,12 @@ def handle_control(device: Device, peer: Peer, plain: bytes, src: Endpoint, now:
     peer.probe_unanswered_since.pop(probed, None)
     peer.probe_unanswered_since.pop(src, None)
     peer.probe_rtt[src] = rtt
-    stats_of(peer, probed).answered(rtt)
+    probed_st = stats_of(peer, probed)
+    out_before = sum(1 for ep, t in peer.probes.values()
+                     if ep == probed and probed_st.answered_sent_at < t < sent_at)
+    probed_st.answered(rtt, now, sent_at, out_before)
     if src != probed:
-        stats_of(peer, src).answered(rtt)
+        stats_of(peer, src).answered(rtt, now, sent_at)
     eset.failed_at.pop(src, None)
     hook = peer.pong_hooks.pop(probe_id, None)
     if hook is not None:
@@ -188,8 +193,9 @@ def handle_control(device: Device, peer: Peer, plain: bytes, src: Endpoint, now:
     active = eset.active
     if src == active:
         peer.suspect_since = None
-    elif peer.suspect_since is not None and _may_take_over_from_doubt(peer, src):
-        switch(peer, src, now, peer.path_reason_pending or REASON_SILENT)
+    elif peer.suspect_since is not None:
+        if active_failed(peer, now) and _may_take_over_from_doubt(peer, src):
+            switch(peer, src, now, peer.path_reason_pending or REASON_SILENT)
     elif (eset.is_relayed(active) and not eset.is_relayed(src) and _may_upgrade(peer, src, active)
           and peer.path_reason not in (REASON_COST, REASON_LOSS)):
         # (A relay chosen for cost is left by the cost rule, with its damping.)
@@ -319,25 +325,89 @@ def doubt_active(peer: Peer, now: float, reason: str) -> None:
     if peer.suspect_since is None:
         peer.suspect_since = now
         peer.path_reason_pending = reason
+        peer.doubt_limit = 0.0
+
+
+def _silence_limit(peer: Peer, active: Endpoint) -> float:
+    st = peer.path_stats.get(active)
+    limit = st.silence_limit(SILENCE_FLOOR) if st is not None else 1.0
+    if peer.data_elsewhere_at > peer.endpoint_set.heard.get(active, -1e18):
+        # The peer's packets come by another path (it has not followed us yet): only
+        # the probes tell whether ours works, so allow for their spacing.
+        limit += ACTIVE_PROBE_INTERVAL
+    return limit
 
 
 def check_silence(peer: Peer, now: float) -> bool:
     """Whether the active endpoint has now been silent too long while we sent to it
-    (it is then put in doubt)."""
+    (it is then put in doubt, and probing every endpoint begins)."""
     since = peer.unanswered_since
     active = peer.endpoint_set.active
     if since is None or active is None or peer.suspect_since is not None:
         return False
-    st = peer.path_stats.get(active)
-    limit = st.silence_limit(SILENCE_FLOOR) if st is not None else 1.0
-    heard = peer.endpoint_set.heard.get(active, -1e18)
-    if heard >= since:
+    if peer.endpoint_set.heard.get(active, -1e18) >= since:
         peer.unanswered_since = None
         return False
+    limit = _silence_limit(peer, active)
     if now - since < limit:
         return False
     doubt_active(peer, now, REASON_SILENT)
+    peer.doubt_limit = limit
     return True
+
+
+def active_failed(peer: Peer, now: float) -> bool:
+    """Whether the endpoint in doubt is taken for dead: at once after a send or ICMP
+    error, otherwise once its silence has lasted twice the limit that raised the
+    doubt. Until then an answer from elsewhere does not move us: on a jittery, lossy
+    path a late answer or two is no outage, and the active path keeps its place."""
+    if peer.suspect_since is None:
+        return False
+    if peer.path_reason_pending in (REASON_SEND_ERROR, REASON_ICMP):
+        return True
+    since = peer.unanswered_since
+    active = peer.endpoint_set.active
+    if since is None or active is None:
+        return False
+    return now - since >= 2 * peer.doubt_limit
+
+
+def may_follow_peer(peer: Peer, now: float) -> bool:
+    """Whether the peer's packets from another endpoint may pull us off ours when our
+    own choice says stay (a relay source while we are direct, or an endpoint we left
+    for a better one): ours has failed, or it left our last probes or data
+    unanswered since we chose it, while the peer's packets come the other way (the
+    peer has given up on it)."""
+    if active_failed(peer, now):
+        return True
+    since = peer.unanswered_since
+    active = peer.endpoint_set.active
+    if since is None or active is None:
+        return False
+    st = peer.path_stats.get(active)
+    limit = st.silence_limit(SILENCE_FLOOR) if st is not None else 1.0
+    heard = max(peer.endpoint_set.heard.get(active, -1e18), peer.path_since or -1e18)
+    return now - since >= limit and now - heard >= 2 * limit
+
+
+def resolve_doubt(peer: Peer, now: float) -> None:
+    """End a doubt: the active endpoint spoke again, or it has failed and the closest
+    endpoint that answered since the doubt began takes over."""
+    since = peer.suspect_since
+    if since is None:
+        return
+    eset = peer.endpoint_set
+    active = eset.active
+    if active is None or eset.heard.get(active, -1e18) >= since:
+        peer.suspect_since = None
+        return
+    if not active_failed(peer, now):
+        return
+    answered = [e for e, st in peer.path_stats.items()
+                if e != active and st.answered_at >= since and _may_take_over_from_doubt(peer, e)]
+    if answered:
+        best = min(answered, key=lambda e: cost(peer, e) if cost(peer, e) is not None else 1e9)
+        switch(peer, best, now, peer.path_reason_pending or REASON_SILENT)
 
 
 # How long after sending our own initiation a crossing initiation from the peer is

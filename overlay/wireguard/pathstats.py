@@ -23,18 +23,19 @@ from __future__ import annotations
 from collections import deque
 from statistics import median
 
-RTT_SAMPLES = 8
+RTT_SAMPLES = 12
 WINDOW = 40
 OUTAGE_RUN = 4
-LOSSY_ON = 0.25
-LOSSY_MIN_LOST = 10
+LOSSY_ON = 0.30
+LOSSY_MIN_LOST = 12
 LOSSY_OFF = 0.10
 LOSSY_MIN_ANSWERS = 4
 MIN_LOST_AFTER = 1.5  # a probe unanswered this long is lost (slow machines stall pongs for ~1 s)
 
 
 class PathStats:
-    __slots__ = ("_lost_run", "_outcomes", "_rtts", "lossy", "rttvar", "srtt", "answers_in_a_row")
+    __slots__ = ("_lost_run", "_outcomes", "_rtts", "answered_at", "answered_sent_at", "answers_in_a_row",
+                 "forgive_before", "lossy", "rttvar", "srtt")
 
     def __init__(self) -> None:
         self.srtt: float | None = None
@@ -44,8 +45,24 @@ class PathStats:
         self._lost_run = 0
         self.answers_in_a_row = 0
         self.lossy = False
+        self.answered_at = -1e18  # (the caller's clock) when a probe was last answered
+        self.answered_sent_at = -1e18  # when that probe had been sent
+        # Probes sent before this time that are still unanswered were sent into an
+        # outage that has ended: they are not counted as lost (see `answered`).
+        self.forgive_before = -1e18
 
-    def answered(self, rtt: float) -> None:
+    def answered(self, rtt: float, now: float | None = None, sent_at: float | None = None,
+                 unanswered_before: int = 0) -> None:
+        """A probe sent at `sent_at` was answered at `now` after `rtt` seconds;
+        `unanswered_before` probes sent before it are still out."""
+        if now is not None and sent_at is not None:
+            if self._lost_run + unanswered_before >= OUTAGE_RUN:
+                # (`unanswered_before`: those sent since the last answered one.)
+                # Back after an outage: the probes still out from before this one went
+                # into it. Their loss says nothing about this path.
+                self.forgive_before = sent_at
+            self.answered_at = now
+            self.answered_sent_at = max(self.answered_sent_at, sent_at)
         rtt = max(rtt, 0.0)
         if self.srtt is None:
             self.srtt, self.rttvar = rtt, rtt / 2
@@ -62,10 +79,12 @@ class PathStats:
         self.answers_in_a_row += 1
         self._judge()
 
-    def lost(self) -> None:
+    def lost(self, sent_at: float | None = None) -> None:
+        """A probe (sent at `sent_at`) went unanswered."""
         self._outcomes.append(True)
-        self._lost_run += 1
-        self.answers_in_a_row = 0
+        if sent_at is None or sent_at > self.answered_sent_at:
+            self._lost_run += 1  # (not when a later probe was answered already)
+            self.answers_in_a_row = 0
         self._judge()
 
     def _judge(self) -> None:

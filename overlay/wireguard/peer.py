@@ -95,6 +95,8 @@ class Peer:
         # every endpoint is probed and the first to answer takes over.
         self.suspect_since: float | None = None
         self.path_reason_pending: str | None = None  # the reason the doubt began with
+        self.doubt_limit = 0.0  # the silence that raised it (it fails at twice that)
+        self.data_elsewhere_at = -1e18  # core time the peer's data last came from another endpoint
         # An alternative that costs clearly less than the active one, and since when.
         self.cheaper: tuple[Endpoint, float] | None = None
         self.cost_switches: deque[float] = deque(maxlen=16)  # times of changes made for cost

@@ -272,6 +272,11 @@ def test_a_dead_direct_path_fails_over_to_the_relay_on_probes():
     t = 2.0 + 1.0  # no round trip measured yet: 1 s of silence
     assert paths.check_silence(w.pa, t) and w.pa.suspect_since == t
     w.send(w.a, w.a.probe(w.pa, w.pa.endpoints, t), t)
+    # The relay answered, but one missed answer is no outage yet: the path keeps its place...
+    assert w.pa.active_endpoint == B_D and not paths.active_failed(w.pa, t + 0.5)
+    # ... until its silence has lasted twice the limit.
+    t = 2.0 + 2 * 1.0
+    paths.resolve_doubt(w.pa, t)
     assert w.pa.active_endpoint == R_B and paths.path_of(w.pa) == "relay"
     assert w.pa.path_reason == paths.REASON_SILENT and w.pa.suspect_since is None
     n = len(w.tun[w.b])
