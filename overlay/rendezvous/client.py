@@ -130,6 +130,7 @@ class RendezvousClient:
         self.on_event: Callable[[dict[str, Any]], None] | None = None
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reconnect_at_once = False  # the next reconnect skips the backoff (reconnect_now)
         self._reader: asyncio.Task | None = None
         self._waiters: dict[str, list[asyncio.Future]] = {}
         self._candidates: list[dict[str, Any]] | None = None
@@ -237,9 +238,20 @@ class RendezvousClient:
                 if connected is not None:
                     connected.clear()
             await self.close()
+            if self._reconnect_at_once:
+                # We dropped the connection ourselves (our address went away): the server
+                # is fine, and our new candidates should reach the peers now.
+                self._reconnect_at_once = False
+                continue
             # Jittered, so the nodes of a restarted relay do not all come back in step.
             await asyncio.sleep(delay * random.uniform(1 - RECONNECT_JITTER, 1 + RECONNECT_JITTER))
             delay = min(max_delay, delay * 2)
+
+    async def reconnect_now(self) -> None:
+        """Drop the connection and connect again without the backoff (keep_connected)."""
+        self._reconnect_at_once = True
+        if self._ws is not None:
+            await self._ws.close()
 
     async def close(self) -> None:
         if self._reader is not None:

@@ -399,7 +399,7 @@ class RendezvousSession:
         local = ws.get_extra_info("sockname")
         if local and str(local[0]).removeprefix("::ffff:") not in addrs:
             log.info("rendezvous connection lost its local address; reconnecting", address=str(local[0]))
-            self._tasks.spawn(ws.close())
+            self._tasks.spawn(self.client.reconnect_now())
 
     def _publish(self, cands: list[Candidate]) -> None:
         # New candidates follow an address or route change: every path may differ now.

@@ -9,6 +9,8 @@
     scenario.wait_ping(a, b)                          # ping b's overlay address from a
     scenario.wait_path(a, b, "direct")                # overlay status --json: this peer's "path"
     scenario.transfer(a, b, 2_000_000)                # TCP through the tunnel, checksums compared
+    pinger = scenario.start_pinger(a, b, 0.2)         # ping -i 0.2 in the background
+    scenario.record_paths([(a, b), (b, a)], 30)       # (time, path, endpoint) samples of each side
     scenario.close()                                 # every process stopped, sockets and files removed
 
 Names: the agents' UAPI sockets go to a directory of this scenario (not the
@@ -357,6 +359,67 @@ class Scenario:
         if sent.stdout.split() != received.split() or int(sent.stdout.split()[0]) != size:
             raise ScenarioError(f"transfer corrupted: sent {sent.stdout.strip()!r}, received {received.strip()!r} {err}")
         return took
+
+    def start_pinger(self, src: Node, dst: Node, interval: float = 0.2, family: int = 4) -> subprocess.Popen:
+        """`ping -i INTERVAL` src -> dst's overlay address in the background: steady traffic, so
+        the agents see a busy session. Stop it with stop_pinger (close() also does)."""
+        cmd = ["ping", "-n", "-i", f"{interval:g}", "-W", "2", dst.overlay_ip(family)]
+        if family == 6:
+            cmd.insert(1, "-6")
+        proc = src.host.ns.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.extra_processes.append(proc)
+        return proc
+
+    def stop_pinger(self, proc: subprocess.Popen) -> tuple[int, int]:
+        """(echo requests sent, replies received) of a pinger, which is stopped."""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # ping prints its summary on SIGINT
+        try:
+            out, _ = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        if proc in self.extra_processes:
+            self.extra_processes.remove(proc)
+        for line in (out or "").splitlines():
+            if "packets transmitted" in line:
+                parts = line.split()
+                return int(parts[0]), int(parts[3])
+        return 0, 0
+
+    def record_paths(self, pairs: list[tuple[Node, Node]], seconds: float,
+                     interval: float = 0.25) -> dict[str, list[tuple[float, str | None, str | None]]]:
+        """Poll `overlay status` for `seconds`: per (node, peer), every (time, path, endpoint)
+        sample, keyed by node name. A poll that fails is recorded as (time, None, None)."""
+        samples: dict[str, list[tuple[float, str | None, str | None]]] = {n.name: [] for n, _ in pairs}
+        end = time.monotonic() + seconds
+        while True:
+            for node, other in pairs:
+                try:
+                    entry = self.peer_status(node, other) or {}
+                except (control.UapiClientError, OSError):
+                    entry = {}
+                samples[node.name].append((time.monotonic(), entry.get("path"), entry.get("endpoint")))
+            if time.monotonic() >= end:
+                return samples
+            time.sleep(interval)
+
+    def log_offset(self, node: Node) -> int:
+        """The size of the node's log now: log_lines(node, since=...) reads from here."""
+        try:
+            return node.log.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def log_lines(self, node: Node, needle: str, since: int = 0) -> list[str]:
+        """Lines of the node's agent log after byte `since` that contain `needle`."""
+        try:
+            with open(node.log, "rb") as f:
+                f.seek(since)
+                text = f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return []
+        return [line for line in text.splitlines() if needle in line]
 
     def _stall_report(self, a: Node, b: Node) -> str:
         parts = []
