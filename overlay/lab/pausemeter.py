@@ -9,9 +9,10 @@ gap between two arrivals is a pause.
     python -m overlay.lab.pausemeter receive ADDR PORT
         accept one connection, print JSON lines: listening, progress (every 0.5 s),
         and a final `done` with bytes, sha256 and the pauses (monotonic clock)
-    python -m overlay.lab.pausemeter send ADDR PORT --rate-mbit 20 --seconds 20 [--until-eof]
+    python -m overlay.lab.pausemeter send ADDR PORT --rate-mbit 20 --seconds 20 [--bytes N] [--until-eof]
         send random bytes at that rate on one connection, never reconnecting; with
-        --until-eof also stop as soon as stdin is closed; print a `done` line
+        --bytes also stop once N bytes went out, with --until-eof as soon as stdin
+        is closed; print a `done` line
 
 Both sides use CLOCK_MONOTONIC, which every network namespace of a machine
 shares, so the times they report compare directly with `time.monotonic()` of
@@ -22,6 +23,12 @@ From Python:
     stream = Stream(alice.ns, bob.ns, "100.64.0.2", rate_mbit=20, max_seconds=60).start()
     ... stream.received_bytes ...
     result = stream.stop()         # StreamResult: intact, longest, pauses, mbit ...
+
+or, for a transfer of a fixed size that runs its course (`intact` then also
+means every one of those bytes went out):
+
+    stream = Stream(..., rate_mbit=20, max_seconds=120, size=60_000_000).start()
+    result = stream.wait(timeout=150)
 """
 
 from __future__ import annotations
@@ -106,7 +113,8 @@ def receive(addr: str, port: int, accept_timeout: float) -> int:
     return 0 if error is None else 1
 
 
-def send(addr: str, port: int, rate_bytes: float, seconds: float, until_eof: bool) -> int:
+def send(addr: str, port: int, rate_bytes: float, seconds: float, until_eof: bool,
+         size: int | None = None) -> int:
     stop = threading.Event()
     if until_eof:
         def watch_stdin() -> None:
@@ -138,7 +146,7 @@ def send(addr: str, port: int, rate_bytes: float, seconds: float, until_eof: boo
         started = time.monotonic()
         while not stop.is_set():
             elapsed = time.monotonic() - started
-            if elapsed >= seconds:
+            if elapsed >= seconds or (size is not None and sent >= size):
                 break
             # Paced on an absolute schedule: after a stall the backlog goes out at
             # once, as an application's queued writes would.
@@ -147,7 +155,7 @@ def send(addr: str, port: int, rate_bytes: float, seconds: float, until_eof: boo
                 stop.wait(min(ahead, 0.05))
                 continue
             offset = sent % (len(pool) - CHUNK)
-            data = pool[offset:offset + CHUNK]
+            data = pool[offset:offset + (CHUNK if size is None else min(CHUNK, size - sent))]
             conn.sendall(data)
             digest.update(data)
             sent += len(data)
@@ -180,12 +188,25 @@ class StreamResult:
     longest: tuple[float, float] | None  # (start, seconds) of the longest gap between two arrivals
     pauses: list[tuple[float, float]] = field(default_factory=list)  # every gap >= PAUSE_FLOOR, by start
     error: str | None = None
+    size: int | None = None  # the bytes the sender was to send, when the stream had a fixed size
+
+    def problems(self) -> list[str]:
+        """What a user would call a broken transfer, in words; empty when it is `intact`."""
+        out = [self.error] if self.error else []
+        if self.sent_bytes == 0:
+            out.append("nothing was sent")
+        elif self.received_bytes != self.sent_bytes:
+            out.append(f"received {self.received_bytes} of the {self.sent_bytes} bytes sent")
+        elif self.received_sha256 != self.sent_sha256:
+            out.append("checksums differ")
+        if self.size is not None and self.sent_bytes != self.size:
+            out.append(f"sent {self.sent_bytes} of the {self.size} bytes it was to send")
+        return out
 
     @property
     def intact(self) -> bool:
-        """The one connection carried every byte, unchanged, without a reset."""
-        return (self.error is None and self.sent_bytes > 0 and self.sent_bytes == self.received_bytes
-                and self.sent_sha256 == self.received_sha256)
+        """The one connection carried every byte (all `size` of them, if set), unchanged, without a reset."""
+        return not self.problems()
 
     @property
     def seconds(self) -> float:
@@ -204,6 +225,12 @@ class StreamResult:
         hits = [p for p in self.pauses if p[0] <= end and p[0] + p[1] >= start]
         return max(hits, key=lambda p: p[1]) if hits else None
 
+    def describe_pauses(self, since: float, at_least: float = PAUSE_FLOOR) -> str:
+        """The listed pauses of `at_least` seconds as "start:length", start relative to `since`
+        (a time.monotonic(), the moment something was cut, say)."""
+        return ", ".join(f"{start - since:+.2f}s:{length:.2f}s" for start, length in self.pauses
+                         if length >= at_least) or "none"
+
     def first_arrival_after(self, t: float) -> float | None:
         """When data arrived again after `t`, if `t` falls inside a listed pause (else None)."""
         for start, length in self.pauses:
@@ -213,13 +240,16 @@ class StreamResult:
 
 
 class Stream:
-    """One paced TCP stream from `sender` to `receiver` (namespaces), recording arrivals."""
+    """One paced TCP stream from `sender` to `receiver` (namespaces), recording arrivals.
+    With `size`, the sender also stops after that many bytes (whichever of that and
+    `max_seconds` comes first)."""
 
     def __init__(self, sender: Namespace, receiver: Namespace, addr: str, port: int = 5701,
-                 rate_mbit: float = 20.0, max_seconds: float = 60.0, python: str = sys.executable):
+                 rate_mbit: float = 20.0, max_seconds: float = 60.0, python: str = sys.executable,
+                 size: int | None = None):
         self.sender_ns, self.receiver_ns = sender, receiver
         self.addr, self.port = addr, port
-        self.rate_mbit, self.max_seconds = rate_mbit, max_seconds
+        self.rate_mbit, self.max_seconds, self.size = rate_mbit, max_seconds, size
         self.python = python
         self.received_bytes = 0
         self.last_progress: float | None = None
@@ -245,7 +275,8 @@ class Stream:
         self._reader.start()
         self._sender = self.sender_ns.popen(
             self._argv("send", self.addr, str(self.port), "--rate-mbit", str(self.rate_mbit),
-                       "--seconds", str(self.max_seconds), "--until-eof"),
+                       "--seconds", str(self.max_seconds), "--until-eof",
+                       *(["--bytes", str(self.size)] if self.size is not None else [])),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + timeout
         while self.received_bytes == 0:
@@ -283,6 +314,22 @@ class Stream:
                 continue
         return {"error": f"sender printed no result: {err.strip()[-300:]}"}
 
+    def running(self) -> bool:
+        """The sender is still sending (it has not finished or died)."""
+        return self._sender is not None and self._sender.poll() is None
+
+    def wait(self, timeout: float) -> StreamResult:
+        """Let the sender run its course (`size` or `max_seconds`), then as `stop`. Raises
+        StreamError, with both ends stopped, when it is not done within `timeout`."""
+        assert self._sender is not None
+        deadline = time.monotonic() + timeout
+        try:
+            self._sender.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise StreamError(f"stream to {self.addr}:{self.port} not finished {timeout:g} s after waiting began")
+        return self.stop(timeout=max(5.0, deadline - time.monotonic()))
+
     def stop(self, timeout: float = 90.0) -> StreamResult:
         """Tell the sender to finish, wait for both ends, and compare what went with what came."""
         assert self._sender is not None and self._receiver is not None
@@ -306,7 +353,7 @@ class Stream:
             sent_bytes=sent["bytes"], received_bytes=got["bytes"], sent_sha256=sent["sha256"],
             received_sha256=got["sha256"], started=sent.get("started"), ended=sent.get("ended"),
             longest=longest, pauses=[(p[0], p[1]) for p in got["pauses"]],  # type: ignore[arg-type]
-            error=sent.get("error") or got.get("error"))
+            error=sent.get("error") or got.get("error"), size=self.size)
 
     def kill(self) -> None:
         """Stop both ends now (cleanup path; safe to call twice)."""
@@ -332,14 +379,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("port", type=int)
     s.add_argument("--rate-mbit", type=float, default=20.0)
     s.add_argument("--seconds", type=float, default=20.0, help="longest it runs")
+    s.add_argument("--bytes", type=int, dest="size", help="also stop once this many bytes went out")
     s.add_argument("--until-eof", action="store_true", help="also stop when stdin is closed")
     args = p.parse_args(argv)
-    if args.command == "send" and (args.rate_mbit <= 0 or args.seconds <= 0):
-        p.error("--rate-mbit and --seconds must be positive")
+    if args.command == "send" and (args.rate_mbit <= 0 or args.seconds <= 0
+                                   or (args.size is not None and args.size <= 0)):
+        p.error("--rate-mbit, --seconds and --bytes must be positive")
     try:
         if args.command == "receive":
             return receive(args.addr, args.port, args.accept_timeout)
-        return send(args.addr, args.port, args.rate_mbit * 1e6 / 8, args.seconds, args.until_eof)
+        return send(args.addr, args.port, args.rate_mbit * 1e6 / 8, args.seconds, args.until_eof, args.size)
     except KeyboardInterrupt:
         return 130
 
