@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .processes import stop_process  # (also what the lab tests stop coturn with)
 from .topology import LabError, Relay
 
 STUN_PORT = 3478
@@ -48,13 +49,3 @@ def start_turnserver(relay: Relay, workdir: Path, extra_args: Sequence[str] = ()
         time.sleep(0.1)
     stop_process(proc)
     raise LabError(f"turnserver did not listen on {sorted(wanted)} within {timeout}s")
-
-
-def stop_process(proc: subprocess.Popen, grace: float = 3) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -40,6 +40,7 @@ from overlay.config import ConfigError, load_config
 from overlay.lab.netns import NetnsError, sweep
 from overlay.lab.nodes import Host, LabError
 from overlay.lab.pausemeter import Stream, StreamError, StreamResult
+from overlay.lab.processes import stop_process
 from overlay.lab.topology import Lab
 
 PREFIX = "ovdemo"
@@ -84,17 +85,6 @@ def tail(path: Path, lines: int = 15) -> str:
 
 def megabytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
-
-
-def stop_process(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @dataclass

@@ -35,9 +35,10 @@ from tests.support import needs_root, needs_tools
 pytestmark = [needs_root(), needs_tools("ping", "nft"), pytest.mark.timeout(120)]
 
 PORT_A, PORT_B = 51830, 51831
-# Silence detection needs 3 s of unanswered traffic (paths.SILENT_ACTIVE) before it
-# even starts probing; an ICMP error takes one round trip. The bound is generous
-# for a loaded 2-core machine; the figure measured is printed.
+# These are static peers: nothing probes them, so without the ICMP error the agent
+# would stay on the rejected endpoint until WireGuard's handshake timers give up
+# (15 s and more); the error takes one round trip. The bound is generous for a
+# loaded 2-core machine; the figure measured is printed.
 SWITCH_WITHIN = 3.0
 
 

@@ -36,6 +36,7 @@ from typing import Any
 from overlay import control, keys
 from overlay.config import load_config
 from overlay.lab import Host, Lab, Namespace
+from overlay.lab.processes import stop_process
 
 PYTHON = sys.executable
 OVERLAY = [PYTHON, "-m", "overlay.cli"]
@@ -56,17 +57,6 @@ def _tail(path: Path, lines: int = 25) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
         return "(no log)"
-
-
-def stop_process(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @dataclass
