@@ -237,12 +237,12 @@ class UapiServer:
             source, rtt = await asyncio.wait_for(answered, timeout_ms / 1000)
         except (TimeoutError, asyncio.TimeoutError):
             return 0, {"reply": False, "reason": "timeout", "sent_to": sent_to,
-                       "sent_path": path_report.path_kind(peer, active)}
+                       "sent_path": paths.path_kind(peer, active)}
         return 0, {
             "reply": True,
             "sent_to": sent_to,
             "endpoint": path_report.describe(source),
-            "path": path_report.path_kind(peer, source),
+            "path": paths.path_kind(peer, source),
             "kind": path_report.kind_of(peer, source),
             "rtt_ms": round(rtt * 1000, 3),
         }
@@ -307,38 +307,33 @@ def request(path: str, text: str, timeout: float = 5.0) -> list[str]:
     return lines[:-1]
 
 
-def query_status(ifname: str, socket_dir: str = SOCKET_DIR, timeout: float = 5.0) -> dict[str, Any]:
+def _extension_request(ifname: str, socket_dir: str, text: str, timeout: float, what: str) -> dict[str, Any]:
+    """One request of ours (`what`: status, ping) and the JSON document it answers with."""
     path = socket_path(ifname, socket_dir)
     try:
-        lines = request(path, STATUS_OP + "\n\n", timeout)
+        lines = request(path, text, timeout)
     except UapiClientError as e:
         if "closed without an answer" in str(e):
-            raise UapiClientError(f"{ifname}: not an overlay agent (no status extension)") from None
-        raise
-    for line in lines:
-        if line.startswith("json="):
-            return json.loads(line[5:])
-    raise UapiClientError(f"{path}: status answer without json")
-
-
-def ping_once(ifname: str, public_key: bytes, timeout: float = 1.0,
-              socket_dir: str = SOCKET_DIR) -> dict[str, Any]:
-    """One `overlay_ping` exchange: the agent's answer (reply or not, path, round trip)."""
-    path = socket_path(ifname, socket_dir)
-    text = f"{PING_OP}\npublic_key={keys.encode_hex(public_key)}\ntimeout_ms={max(1, round(timeout * 1000))}\n\n"
-    try:
-        # The socket waits a little longer than the agent does, so its timeout answer wins.
-        lines = request(path, text, timeout + 5.0)
-    except UapiClientError as e:
-        if "closed without an answer" in str(e):
-            raise UapiClientError(f"{ifname}: not an overlay agent (no ping extension)") from None
+            raise UapiClientError(f"{ifname}: not an overlay agent (no {what} extension)") from None
         if f"errno={errno_mod.ENOENT}" in str(e):
             raise UapiClientError(f"{ifname}: the agent has no such peer") from None
         raise
     for line in lines:
         if line.startswith("json="):
             return json.loads(line[5:])
-    raise UapiClientError(f"{path}: ping answer without json")
+    raise UapiClientError(f"{path}: {what} answer without json")
+
+
+def query_status(ifname: str, socket_dir: str = SOCKET_DIR, timeout: float = 5.0) -> dict[str, Any]:
+    return _extension_request(ifname, socket_dir, STATUS_OP + "\n\n", timeout, "status")
+
+
+def ping_once(ifname: str, public_key: bytes, timeout: float = 1.0,
+              socket_dir: str = SOCKET_DIR) -> dict[str, Any]:
+    """One `overlay_ping` exchange: the agent's answer (reply or not, path, round trip)."""
+    text = f"{PING_OP}\npublic_key={keys.encode_hex(public_key)}\ntimeout_ms={max(1, round(timeout * 1000))}\n\n"
+    # The socket waits a little longer than the agent does, so its timeout answer wins.
+    return _extension_request(ifname, socket_dir, text, timeout + 5.0, "ping")
 
 
 def list_interfaces(socket_dir: str = SOCKET_DIR) -> list[str]:

@@ -95,7 +95,7 @@ class AgentCollector(Collector):
             labels = [peer_label(self.agent, peer.public_key), keys.encode(peer.public_key)]
             rx.add_metric(labels, peer.rx_bytes)
             tx.add_metric(labels, peer.tx_bytes)
-            changes.add_metric(labels, getattr(peer, "path_change_count", 0))
+            changes.add_metric(labels, peer.path_change_count)
             path = paths.path_of(peer)
             if path is not None:
                 direct.add_metric(labels, 1.0 if path == paths.PATH_DIRECT else 0.0)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from overlay.config import format_endpoint
-from overlay.wireguard import paths
 from overlay.wireguard.endpoints import KIND_CONFIGURED
 
 
@@ -29,21 +28,15 @@ def kind_of(peer: Any, endpoint: Any) -> str:
     return peer.endpoint_set.kind_of(endpoint)
 
 
-def path_kind(peer: Any, endpoint: Any) -> str:
-    return paths.PATH_RELAY if peer.endpoint_set.is_relayed(endpoint) else paths.PATH_DIRECT
-
-
 def rtt_seconds(peer: Any, endpoint: Any) -> float | None:
-    """The round trip the path choice uses (median of the last probes), else the last one."""
-    st = getattr(peer, "path_stats", {}).get(endpoint)
-    if st is not None and st.median_rtt is not None:
-        return st.median_rtt
-    return peer.probe_rtt.get(endpoint)
+    """The round trip the path choice uses (median of the last probes)."""
+    st = peer.path_stats.get(endpoint)
+    return None if st is None else st.median_rtt
 
 
 def loss_ratio(peer: Any, endpoint: Any) -> float | None:
     """Share of probes lost over the recent window; None when never probed."""
-    st = getattr(peer, "path_stats", {}).get(endpoint)
+    st = peer.path_stats.get(endpoint)
     if st is None or not st.samples:
         return None
     return st.loss
@@ -55,7 +48,7 @@ def _ms(seconds: float | None) -> float | None:
 
 def endpoint_stats(peer: Any, endpoint: Any) -> dict[str, Any]:
     """Per-endpoint fields of the status document."""
-    st = getattr(peer, "path_stats", {}).get(endpoint)
+    st = peer.path_stats.get(endpoint)
     loss = loss_ratio(peer, endpoint)
     return {
         "rtt_ms": _ms(rtt_seconds(peer, endpoint)),
@@ -69,12 +62,12 @@ def active_path(peer: Any, to_wall: Any) -> dict[str, Any]:
     """The active path's fields of the status document; `to_wall` maps the device
     clock to Unix time."""
     active = peer.active_endpoint
-    since = getattr(peer, "path_since", None)
+    since = peer.path_since
     loss = loss_ratio(peer, active) if active is not None else None
     return {
         "path_rtt_ms": _ms(rtt_seconds(peer, active)) if active is not None else None,
         "path_loss": None if loss is None else round(loss, 3),
         "path_since": None if since is None or active is None else to_wall(since),
-        "path_reason": getattr(peer, "path_reason", "") or None,
-        "path_changes": getattr(peer, "path_change_count", 0),
+        "path_reason": peer.path_reason or None,
+        "path_changes": peer.path_change_count,
     }

@@ -238,11 +238,6 @@ def _direct(ep: Any) -> Endpoint | None:
     return None
 
 
-def _describe_endpoint(ep: Any) -> str:
-    d = _direct(ep)
-    return format_endpoint(d) if d is not None else str(ep)
-
-
 def _shown_endpoint(peer: Any) -> Endpoint | None:
     """The endpoint `wg show` displays: the active one, else the first known."""
     for ep in [peer.active_endpoint, *peer.endpoints]:
@@ -295,7 +290,6 @@ def status_dict(agent: Any) -> dict[str, Any]:
     peers = []
     for peer in list(device.peers.values()):
         info = traversal.peer_info(peer.public_key) if traversal is not None else None
-        eset = peer.endpoint_set
         listed = peer.endpoints
         if peer.active_endpoint is not None and peer.active_endpoint not in listed:
             listed = [peer.active_endpoint, *listed]
@@ -308,23 +302,23 @@ def status_dict(agent: Any) -> dict[str, Any]:
                 "preshared_key": peer.preshared_key is not None,
                 # The active path: "relay" when it goes through a TURN relay (ours or the peer's).
                 "path": paths.path_of(peer),
-                "endpoint": None if peer.active_endpoint is None else _describe_endpoint(peer.active_endpoint),
+                "endpoint": None if peer.active_endpoint is None else path_report.describe(peer.active_endpoint),
                 # Round trip, loss, since when and why (path_report.py).
                 **path_report.active_path(peer, agent.monotonic_to_wall),
                 "endpoints": [
                     {
-                        "endpoint": _describe_endpoint(e),
-                        "kind": "configured" if e in peer.configured_endpoints else eset.kind_of(e),
+                        "endpoint": path_report.describe(e),
+                        "kind": path_report.kind_of(peer, e),
                         "state": paths.endpoint_state(peer, e, now),
                         **path_report.endpoint_stats(peer, e),  # rtt_ms, loss, probes, lossy
                     }
                     for e in listed
                 ],
-                "configured_endpoints": [_describe_endpoint(e) for e in peer.configured_endpoints],
-                "learned_endpoints": [_describe_endpoint(e) for e in peer.learned_endpoints],
+                "configured_endpoints": [path_report.describe(e) for e in peer.configured_endpoints],
+                "learned_endpoints": [path_report.describe(e) for e in peer.learned_endpoints],
                 "active_endpoint": None
                 if peer.active_endpoint is None
-                else _describe_endpoint(peer.active_endpoint),
+                else path_report.describe(peer.active_endpoint),
                 "latest_handshake": _wall(agent, peer.last_handshake),
                 "rx_bytes": peer.rx_bytes,
                 "tx_bytes": peer.tx_bytes,

@@ -146,12 +146,6 @@ class PathKeeper:
             # Changed by something that records no reason: the first session, new candidates.
             paths.note_switch(peer, now, paths.REASON_FIRST if st.active is None else paths.REASON_ENDPOINTS)
         st.active = active
-        out = [PathChange(key, _path_of_endpoint(peer, ep), ep, reason) for _, ep, reason in peer.path_events]
+        out = [PathChange(key, paths.path_kind(peer, ep), ep, reason) for _, ep, reason in peer.path_events]
         peer.path_events.clear()
         return out
-
-
-def _path_of_endpoint(peer: Peer, endpoint: Endpoint | None) -> str | None:
-    if endpoint is None:
-        return None
-    return paths.PATH_RELAY if peer.endpoint_set.is_relayed(endpoint) else paths.PATH_DIRECT

@@ -126,7 +126,7 @@ class RendezvousSession:
         self.static_keepalive = {pc.public_key: pc.persistent_keepalive for pc in agent.config.peers}
         self.gatherer = Gatherer(agent, self._publish, lambda: self.client.turn,
                                  urlsplit(url).hostname, on_relay_ready=self._relay_ready,
-                                 extra_relays=list(getattr(agent.config, "relays", [])))
+                                 extra_relays=list(agent.config.relays))
         self.gatherer.on_addresses = self._check_rendezvous_address
         self.nat_keepalive = NatKeepalive(agent, self.gatherer)  # automatic keepalives through NATs
         self.connected = asyncio.Event()

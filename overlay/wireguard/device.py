@@ -457,8 +457,7 @@ class Device:
                 return
         else:
             eset.confirm(src)
-        peer.unanswered_since = peer.suspect_since = None
-        paths.note_switch(peer, now, paths.REASON_HANDSHAKE)
+        paths.moved(peer, now, paths.REASON_HANDSHAKE)
 
     def _handle_cookie_reply(self, data: bytes, now: float) -> None:
         receiver = _U32.unpack_from(data, 4)[0]
@@ -571,10 +570,10 @@ class Device:
         self._any_authenticated_sent(peer, now)
         if endpoint == peer.endpoint_set.active:
             peer.last_sent_active = now  # (auto keepalive: the NAT mapping was just used)
+            if data_sent and peer.unanswered_since is None:
+                peer.unanswered_since = now  # (paths.check_silence: is it still answering?)
         if data_sent:
             self._data_sent(peer, now)
-            if peer.unanswered_since is None and endpoint == peer.endpoint_set.active:
-                peer.unanswered_since = now  # (paths.check_silence: is it still answering?)
         # Keep the key fresh: the initiator rekeys after REKEY_AFTER_TIME, anyone after too many messages.
         if counter >= REKEY_AFTER_MESSAGES or (
                 kp.initiator and now - kp.created >= REKEY_AFTER_TIME):
@@ -702,8 +701,7 @@ class Device:
                             peer.data_elsewhere_at = now
                             if eset.roam(src, now, paths.may_follow_peer(peer, now)):
                                 last_src_ep = src  # roamed (probes never roam)
-                                peer.unanswered_since = peer.suspect_since = None
-                                paths.note_switch(peer, now, paths.REASON_ROAMED)
+                                paths.moved(peer, now, paths.REASON_ROAMED)
                         else:
                             eset.heard[src] = now
                     if not plain:

@@ -108,7 +108,6 @@ def send_probes(device: Device, peer: Peer, endpoints: list[Endpoint], now: floa
     if len(peer.probe_unanswered_since) > MAX_OUTSTANDING or len(peer.path_stats) > MAX_OUTSTANDING:
         known = set(peer.endpoint_set.all())
         peer.probe_unanswered_since = {e: t for e, t in peer.probe_unanswered_since.items() if e in known}
-        peer.probe_rtt = {e: t for e, t in peer.probe_rtt.items() if e in known}
         peer.path_stats = {e: st for e, st in peer.path_stats.items() if e in known}
     for ep in endpoints:
         probe_id = device._rng(PROBE_ID_LEN)
@@ -179,7 +178,6 @@ def handle_control(device: Device, peer: Peer, plain: bytes, src: Endpoint, now:
     rtt = now - sent_at
     peer.probe_unanswered_since.pop(probed, None)
     peer.probe_unanswered_since.pop(src, None)
-    peer.probe_rtt[src] = rtt
     probed_st = stats_of(peer, probed)
     out_before = sum(1 for ep, t in peer.probes.values()
                      if ep == probed and probed_st.answered_sent_at < t < sent_at)
@@ -256,10 +254,9 @@ def _cost_hold(peer: Peer, now: float) -> float:
     return min(FLAP_HOLD_MAX, MIN_BETWEEN_COST_SWITCHES * 2 ** max(0, recent - 1))
 
 
-def _damped(peer: Peer, last: float | None, now: float) -> bool:
-    if last is None:
-        return False
-    return now - last < _cost_hold(peer, now)
+def _damped(peer: Peer, now: float) -> bool:
+    """Whether the last change for cost is too recent for another one."""
+    return bool(peer.cost_switches) and now - peer.cost_switches[-1] < _cost_hold(peer, now)
 
 
 def reconsider(peer: Peer, now: float) -> None:
@@ -292,8 +289,7 @@ def reconsider(peer: Peer, now: float) -> None:
     if peer.cheaper is None or peer.cheaper[0] != best:
         peer.cheaper = (best, now)
         return
-    last = peer.cost_switches[-1] if peer.cost_switches else None
-    if now - peer.cheaper[1] < COST_HOLD or _damped(peer, last, now):
+    if now - peer.cheaper[1] < COST_HOLD or _damped(peer, now):
         return
     active_st = peer.path_stats.get(active)
     reason = REASON_LOSS if active_st is not None and active_st.lossy else REASON_COST
@@ -305,6 +301,12 @@ def reconsider(peer: Peer, now: float) -> None:
 def switch(peer: Peer, endpoint: Endpoint, now: float, reason: str) -> None:
     """Make `endpoint` the active one (the session stays) and record why."""
     peer.endpoint_set.confirm(endpoint)
+    moved(peer, now, reason)
+
+
+def moved(peer: Peer, now: float, reason: str) -> None:
+    """The active endpoint has just changed (here, by roaming or by a handshake): the
+    old one's doubt, silence and cheaper rival mean nothing for the new one."""
     peer.suspect_since = None
     peer.path_reason_pending = None
     peer.unanswered_since = None
@@ -328,9 +330,14 @@ def doubt_active(peer: Peer, now: float, reason: str) -> None:
         peer.doubt_limit = 0.0
 
 
-def _silence_limit(peer: Peer, active: Endpoint) -> float:
+def _own_silence_limit(peer: Peer, active: Endpoint) -> float:
+    """Silence that puts `active` in doubt from its own round trips (1 s unmeasured)."""
     st = peer.path_stats.get(active)
-    limit = st.silence_limit(SILENCE_FLOOR) if st is not None else 1.0
+    return st.silence_limit(SILENCE_FLOOR) if st is not None else 1.0
+
+
+def _silence_limit(peer: Peer, active: Endpoint) -> float:
+    limit = _own_silence_limit(peer, active)
     if peer.data_elsewhere_at > peer.endpoint_set.heard.get(active, -1e18):
         # The peer's packets come by another path (it has not followed us yet): only
         # the probes tell whether ours works, so allow for their spacing.
@@ -384,8 +391,7 @@ def may_follow_peer(peer: Peer, now: float) -> bool:
     active = peer.endpoint_set.active
     if since is None or active is None:
         return False
-    st = peer.path_stats.get(active)
-    limit = st.silence_limit(SILENCE_FLOOR) if st is not None else 1.0
+    limit = _own_silence_limit(peer, active)
     heard = max(peer.endpoint_set.heard.get(active, -1e18), peer.path_since or -1e18)
     return now - since >= limit and now - heard >= 2 * limit
 
@@ -432,11 +438,16 @@ def keep_own_handshake(device: Device, peer: Peer, now: float) -> bool:
             and device.public_key > peer.public_key)
 
 
-def path_of(peer: Peer) -> str | None:
-    active = peer.active_endpoint
-    if active is None:
+def path_kind(peer: Peer, endpoint: Endpoint | None) -> str | None:
+    """"relay" when traffic to `endpoint` goes through a TURN relay (ours or the
+    peer's), "direct" otherwise; None for no endpoint."""
+    if endpoint is None:
         return None
-    return PATH_RELAY if peer.endpoint_set.is_relayed(active) else PATH_DIRECT
+    return PATH_RELAY if peer.endpoint_set.is_relayed(endpoint) else PATH_DIRECT
+
+
+def path_of(peer: Peer) -> str | None:
+    return path_kind(peer, peer.active_endpoint)
 
 
 def endpoint_state(peer: Peer, endpoint: Endpoint, now: float) -> str:

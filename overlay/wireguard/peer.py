@@ -73,10 +73,9 @@ class Peer:
         self.tx_bytes = 0
 
         # In-session path probes (paths.py): probe id -> (endpoint, sent at),
-        # endpoint -> first unanswered probe time, endpoint -> last round trip.
+        # endpoint -> first unanswered probe time.
         self.probes: dict[bytes, tuple[Endpoint, float]] = {}
         self.probe_unanswered_since: dict[Endpoint, float] = {}
-        self.probe_rtt: dict[Endpoint, float] = {}
         # Set for peers known to run this agent (rendezvous peers): crossing
         # initiations are settled by key order instead of both being lost.
         self.crossing_tiebreak = False

@@ -37,8 +37,11 @@ class FakePeer:
         self.tx_bytes = 0
         # Kinds and path state for the status document (no candidates here).
         self.endpoint_set = EndpointSet()
-        self.probe_rtt: dict = {}
         self.probe_unanswered_since: dict = {}
+        self.path_stats: dict = {}
+        self.path_since = None
+        self.path_reason = ""
+        self.path_change_count = 0
 
     @property
     def endpoints(self):
