@@ -56,7 +56,8 @@ from overlay import control, keys  # noqa: E402
 from overlay.lab import Host, Lab, Nat, sweep  # noqa: E402
 from overlay.lab.pausemeter import PAUSE_FLOOR, Stream, StreamError, StreamResult  # noqa: E402
 from tests.traversal.pathmeter import PathMeter  # noqa: E402
-from tests.traversal.scenario import Scenario, ScenarioError, stop_process  # noqa: E402
+from overlay.lab.processes import stop_process  # noqa: E402
+from tests.traversal.scenario import Scenario, ScenarioError  # noqa: E402
 
 PREFIX = "ovfobench"
 IFPREFIX = "ovfb"

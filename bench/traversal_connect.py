@@ -42,7 +42,8 @@ sys.path.insert(0, str(REPO))
 from overlay import control, keys  # noqa: E402
 from overlay.lab import Host, Lab, Nat, sweep  # noqa: E402
 from tests.traversal.matrix import EXPECTED, PAIRS, pair_id  # noqa: E402
-from tests.traversal.scenario import Node, Scenario, ScenarioError, stop_process  # noqa: E402
+from overlay.lab.processes import stop_process  # noqa: E402
+from tests.traversal.scenario import Node, Scenario, ScenarioError  # noqa: E402
 
 PREFIX = "ovtrbench"
 IFPREFIX = "ovtb"

@@ -113,6 +113,19 @@ def _pause_report(result: StreamResult, since: float, event: str) -> str:
             f"{LISTED_PAUSE} s from the {event}: {result.describe_pauses(since, LISTED_PAUSE)}")
 
 
+def _finish_transfer(sc: Scenario, a: Node, b: Node, stream: Stream, pinger, event_at: float,
+                     event: str, pause_bound: float, what: str) -> None:
+    """Let the stream run to its end; it must arrive whole, with no pause of
+    `pause_bound` seconds or more (the figure is printed, timed from the event)."""
+    result = stream.wait(timeout=STREAM_WAIT)
+    sent, answered = sc.stop_pinger(pinger)
+    report = _pause_report(result, event_at, event)
+    print(f"transfer {result.received_bytes} bytes{what}: {report}; pings {answered}/{sent}")
+    assert result.intact, f"the transfer broke: {result.problems()}\n{sc._stall_report(a, b)}"
+    assert result.longest_seconds < pause_bound, (
+        f"longest pause >= {pause_bound} s: {report}\n{sc._stall_report(a, b)}")
+
+
 def _changes(samples: list[tuple[float, str | None, str | None]]) -> tuple[int, list[tuple[float, str, str]]]:
     """From polled (time, path, endpoint) samples: how often `path` (direct/relay) changed,
     and every change of the active endpoint as (time, from, to). Failed polls are skipped."""
@@ -183,13 +196,8 @@ def test_blackholed_direct_path_mid_transfer_fails_over_and_comes_back(scenario)
         back = meter.read() - before
         assert back.direct > 0, f"status says direct but nothing crosses NAT to NAT: {back}"
 
-        result = stream.wait(timeout=STREAM_WAIT)
-        sent, answered = sc.stop_pinger(pinger)
-        print(f"transfer {result.received_bytes} bytes at {RATE * 8 / 1e6:.0f} Mbit/s: "
-              f"{_pause_report(result, cut_at, 'cut')}; pings {answered}/{sent}")
-        assert result.intact, f"the transfer broke: {result.problems()}\n{sc._stall_report(a, b)}"
-        assert result.longest_seconds < CUT_PAUSE_BOUND, (
-            f"longest pause >= {CUT_PAUSE_BOUND} s: {_pause_report(result, cut_at, 'cut')}\n{sc._stall_report(a, b)}")
+        _finish_transfer(sc, a, b, stream, pinger, cut_at, "cut", CUT_PAUSE_BOUND,
+                         f" at {RATE * 8 / 1e6:.0f} Mbit/s")
     finally:
         stream.kill()
         if meter is not None:
@@ -226,14 +234,7 @@ def test_host_moving_to_another_nat_mid_transfer_keeps_the_connection(scenario):
         print(f"\nmoved mid-transfer: {b.name} direct to the new NAT after {b_direct:.2f} s"
               f" (stream still running: {stream.running()})")
 
-        result = stream.wait(timeout=STREAM_WAIT)
-        sent, answered = sc.stop_pinger(pinger)
-        print(f"transfer {result.received_bytes} bytes: {_pause_report(result, moved_at, 'move')}; "
-              f"pings {answered}/{sent}")
-        assert result.intact, f"the transfer broke: {result.problems()}\n{sc._stall_report(a, b)}"
-        assert result.longest_seconds < MOVE_PAUSE_BOUND, (
-            f"longest pause >= {MOVE_PAUSE_BOUND} s: {_pause_report(result, moved_at, 'move')}\n"
-            f"{sc._stall_report(a, b)}")
+        _finish_transfer(sc, a, b, stream, pinger, moved_at, "move", MOVE_PAUSE_BOUND, "")
     finally:
         stream.kill()
         meter.remove()
